@@ -51,15 +51,29 @@ pub(crate) fn needs_compaction(p: &Partition, min_dirty_ratio: f64) -> bool {
     total > 0 && dirty as f64 >= min_dirty_ratio * total as f64
 }
 
-/// Runs one compaction pass over a partition's sealed segments.
+/// Compacts a partition's sealed segments completely, in as many passes as the key map's bound
+/// requires.
 pub(crate) fn compact(p: &Partition, now_ms: i64) -> Result<CompactionStats> {
     let _one_at_a_time = p.compaction.lock().unwrap_or_else(|e| e.into_inner());
+    let mut total = CompactionStats::default();
+    while let Some(s) = compact_pass(p, now_ms)? {
+        total.segments_rewritten += s.segments_rewritten;
+        total.records_removed += s.records_removed;
+        total.bytes_before += s.bytes_before;
+        total.bytes_after += s.bytes_after;
+    }
+    Ok(total)
+}
+
+/// One pass; `None` when there is nothing dirty left.
+fn compact_pass(p: &Partition, now_ms: i64) -> Result<Option<CompactionStats>> {
     let (sealed, first_dirty) = p.sealed_segments();
     let mut stats = CompactionStats::default();
-    let Some(last) = sealed.last() else { return Ok(stats) };
+    let Some(last) = sealed.last() else { return Ok(None) };
     if last.next_offset <= first_dirty {
-        return Ok(stats);
+        return Ok(None);
     }
+    let durable = p.opts.fsync != crate::FsyncPolicy::Never;
     // 1. Map key → latest offset over the dirty range, as far as the map's bound allows.
     let cap = p.opts.compaction_keys_max.max(1);
     let mut map: HashMap<u128, u64> = HashMap::new();
@@ -134,7 +148,10 @@ pub(crate) fn compact(p: &Partition, now_ms: i64) -> Result<CompactionStats> {
         })?;
         let flushed = match write_err {
             Some(e) => Err(e),
-            None => out.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()),
+            None => out
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| if durable { f.sync_all() } else { Ok(()) }),
         };
         flushed.map_err(LogError::io("writing a compacted segment", &tmp))?;
         stats.segments_rewritten += 1;
@@ -148,9 +165,11 @@ pub(crate) fn compact(p: &Partition, now_ms: i64) -> Result<CompactionStats> {
             p.swap_compacted(seg.base, Some((meta, &tmp, &index)))?;
         }
     }
-    sync_dir(&p.dir).map_err(LogError::io("syncing the partition directory", &p.dir))?;
+    if durable {
+        sync_dir(&p.dir).map_err(LogError::io("syncing the partition directory", &p.dir))?;
+    }
     p.set_first_dirty(map_end);
-    Ok(stats)
+    Ok(Some(stats))
 }
 
 /// Calls `f(pos, header, records)` for each batch of a sealed segment until it returns false;

@@ -501,7 +501,19 @@ fn take_lock(dir: &Path) -> Result<File> {
         .truncate(false)
         .open(&path)
         .map_err(LogError::io("opening the lock file", &path))?;
-    match f.try_lock() {
+    // A lock can outlive its holder by a moment (a child process forked by the previous holder
+    // keeps the descriptor until it execs), so a busy lock is retried briefly before refusing.
+    let mut tries = 0;
+    let outcome = loop {
+        match f.try_lock() {
+            Err(fs::TryLockError::WouldBlock) if tries < 10 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => break other,
+        }
+    };
+    match outcome {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();
@@ -511,8 +523,10 @@ fn take_lock(dir: &Path) -> Result<File> {
         }
         Err(fs::TryLockError::Error(e)) => return Err(LogError::io("locking", &path)(e)),
     }
+    // Who holds the lock is only for the message a second process prints: on a full disk it
+    // may not fit, and that must not stop recovery, which frees space.
     let me = format!("pid {}", std::process::id());
-    f.set_len(0).and_then(|()| f.write_all(me.as_bytes())).map_err(LogError::io("writing", &path))?;
+    let _ = f.set_len(0).and_then(|()| f.write_all(me.as_bytes()));
     Ok(f)
 }
 

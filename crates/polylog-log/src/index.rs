@@ -68,20 +68,21 @@ impl IndexBuilder {
         if i == 0 { 0 } else { self.times[i - 1].1 }
     }
 
-    /// Writes both index files for a sealed segment, each via temp file, fsync and rename.
-    pub fn write_files(&self, log_path: &Path, summary: SegmentSummary) -> io::Result<()> {
+    /// Writes both index files for a sealed segment, each via temp file, fsync (when
+    /// `durable`) and rename.
+    pub fn write_files(&self, log_path: &Path, summary: SegmentSummary, durable: bool) -> io::Result<()> {
         let mut entries = Vec::with_capacity(self.offsets.len() * 8);
         for &(o, p) in &self.offsets {
             entries.extend_from_slice(&o.to_le_bytes());
             entries.extend_from_slice(&p.to_le_bytes());
         }
-        write_index(&log_path.with_extension("index"), OFFSET_INDEX_MAGIC, summary, &entries)?;
+        write_index(&log_path.with_extension("index"), OFFSET_INDEX_MAGIC, summary, &entries, durable)?;
         entries.clear();
         for &(t, o) in &self.times {
             entries.extend_from_slice(&t.to_le_bytes());
             entries.extend_from_slice(&o.to_le_bytes());
         }
-        write_index(&log_path.with_extension("timeindex"), TIME_INDEX_MAGIC, summary, &entries)
+        write_index(&log_path.with_extension("timeindex"), TIME_INDEX_MAGIC, summary, &entries, durable)
     }
 }
 
@@ -90,7 +91,13 @@ fn position_for(entries: &[(u32, u32)], rel_offset: u32) -> u32 {
     if i == 0 { 0 } else { entries[i - 1].1 }
 }
 
-fn write_index(path: &Path, magic: [u8; 4], s: SegmentSummary, entries: &[u8]) -> io::Result<()> {
+fn write_index(
+    path: &Path,
+    magic: [u8; 4],
+    s: SegmentSummary,
+    entries: &[u8],
+    durable: bool,
+) -> io::Result<()> {
     let mut header = Vec::with_capacity(HEADER_BYTES);
     header.extend_from_slice(&magic);
     header.extend_from_slice(&s.segment_len.to_le_bytes());
@@ -108,7 +115,9 @@ fn write_index(path: &Path, magic: [u8; 4], s: SegmentSummary, entries: &[u8]) -
     let mut f = File::create(&tmp)?;
     f.write_all(&header)?;
     f.write_all(entries)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     fs::rename(&tmp, path)
 }
 

@@ -218,7 +218,7 @@ impl Partition {
             next_offset: old.meta.next_offset,
             max_timestamp: old.meta.max_timestamp,
         };
-        if let Err(e) = old.index.write_files(&path, summary) {
+        if let Err(e) = old.index.write_files(&path, summary, syncing) {
             return Err(self.poison(st, "writing a segment index", &e));
         }
         let next = old.meta.next_offset;
@@ -358,26 +358,52 @@ impl Partition {
         let meta = *all.clone().find(|m| offset < m.next_offset && m.size > 0)?;
         let path = log_path(&self.dir, meta.base);
         let rel = offset.saturating_sub(meta.base).min(u64::from(u32::MAX)) as u32;
-        let start_pos = if meta.base == st.active.meta.base {
-            st.active.index.position_for(rel)
-        } else {
-            index::sealed_position_for(&path, meta.size, rel).unwrap_or(0)
-        };
-        Some(Location { meta, path, start_pos: u64::from(start_pos) })
+        if meta.base == st.active.meta.base {
+            let start_pos = u64::from(st.active.index.position_for(rel));
+            return Some(Location { meta, path, start_pos });
+        }
+        drop(st);
+        let pos = self.sealed_lookup(meta, |p| index::sealed_position_for(p, meta.size, rel));
+        Some(Location { meta, path, start_pos: u64::from(pos.unwrap_or(0)) })
     }
 
-    /// The segment an offset lookup by time starts in, and the offset to scan from.
+    /// The offset to scan from to find the first record at or after `ts`, or `None` if every
+    /// record is older.
     pub fn locate_time(&self, ts: i64) -> Option<u64> {
         let st = lock(&self.state);
         let all = st.sealed.iter().chain(std::iter::once(&st.active.meta));
         let meta = *all.clone().find(|m| m.size > 0 && m.max_timestamp >= ts)?;
-        let rel = if meta.base == st.active.meta.base {
-            st.active.index.scan_start_for_time(ts)
-        } else {
-            index::sealed_scan_start_for_time(&log_path(&self.dir, meta.base), meta.size, ts)
-                .unwrap_or(0)
+        if meta.base == st.active.meta.base {
+            return Some(meta.base + u64::from(st.active.index.scan_start_for_time(ts)));
+        }
+        drop(st);
+        let rel = self.sealed_lookup(meta, |p| index::sealed_scan_start_for_time(p, meta.size, ts));
+        Some(meta.base + u64::from(rel.unwrap_or(0)))
+    }
+
+    /// Looks something up in a sealed segment's index files; if they are damaged, rebuilds
+    /// them from the segment (read-write, and not while compaction runs) and looks again.
+    fn sealed_lookup<T>(&self, meta: SegmentMeta, f: impl Fn(&Path) -> Option<T>) -> Option<T> {
+        let path = log_path(&self.dir, meta.base);
+        if let Some(v) = f(&path) {
+            return Some(v);
+        }
+        if self.read_only {
+            return None;
+        }
+        let _exclusive = self.compaction.try_lock().ok()?;
+        let opts = &self.opts;
+        let scan = segment::scan(&path, meta.base, 0, opts.batch_bytes_max, opts.index_interval_bytes).ok()?;
+        if scan.meta.size != meta.size {
+            return None; // the segment itself is damaged: readers will report it
+        }
+        let summary = SegmentSummary {
+            segment_len: scan.meta.size,
+            next_offset: meta.next_offset,
+            max_timestamp: scan.meta.max_timestamp,
         };
-        Some(meta.base + u64::from(rel))
+        scan.index.write_files(&path, summary, self.opts.fsync != FsyncPolicy::Never).ok()?;
+        f(&path)
     }
 
     /// Sealed segments (oldest first) and the first offset compaction has not cleaned.
@@ -406,7 +432,7 @@ impl Partition {
                     next_offset: meta.next_offset,
                     max_timestamp: meta.max_timestamp,
                 };
-                idx.write_files(&path, summary)
+                idx.write_files(&path, summary, self.opts.fsync != FsyncPolicy::Never)
                     .map_err(LogError::io("writing a compacted segment's index", &path))?;
                 Some(meta)
             }
@@ -415,7 +441,9 @@ impl Partition {
                 None
             }
         };
-        sync_dir(&self.dir).map_err(LogError::io("syncing the partition directory", &self.dir))?;
+        if self.opts.fsync != FsyncPolicy::Never {
+            sync_dir(&self.dir).map_err(LogError::io("syncing the partition directory", &self.dir))?;
+        }
         let mut st = lock(&self.state);
         if st.sealed.get(i).map(|s| s.base) == Some(base) {
             match new_meta {
@@ -607,7 +635,10 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
                 next_offset: scan.meta.next_offset,
                 max_timestamp: scan.meta.max_timestamp,
             };
-            scan.index.write_files(&path, summary).map_err(LogError::io("rebuilding index", &path))?;
+            let durable = opts.fsync != FsyncPolicy::Never;
+            scan.index
+                .write_files(&path, summary, durable)
+                .map_err(LogError::io("rebuilding index", &path))?;
             sealed.push(scan.meta);
             min_offset = scan.meta.next_offset;
             continue;
