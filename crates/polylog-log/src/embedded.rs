@@ -465,10 +465,7 @@ fn check_marker(dir: &Path) -> Result<()> {
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => {
-            return Err(LogError::NotADataDir {
-                path: dir.into(),
-                reason: "it does not exist (nothing has been written yet?)".into(),
-            })
+            return Err(LogError::NoDataDir { path: dir.into() })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(LogError::NotADataDir { path: dir.into(), reason: format!("it has no {MARKER_FILE}") })

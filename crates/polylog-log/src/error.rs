@@ -35,6 +35,9 @@ pub enum LogError {
     #[error("{} is not a Polylog data directory: {reason}", path.display())]
     NotADataDir { path: PathBuf, reason: String },
 
+    #[error("there is no Polylog data directory at {} yet: nothing has been written there", path.display())]
+    NoDataDir { path: PathBuf },
+
     #[error(
         "data directory {} is in use by another polylog process{}; stop it or point this one \
          at another data_dir",

@@ -188,7 +188,12 @@ impl LogReader for PartitionReader {
     fn poll(&mut self, max_records: usize, timeout: Duration) -> Result<Vec<StoredRecord>> {
         let deadline = Instant::now() + timeout;
         loop {
-            let out = self.read_available(max_records.max(1))?;
+            let mut out = self.read_available(max_records.max(1))?;
+            if out.is_empty() && self.part.is_read_only() {
+                // Another process writes this log: look at the files again before giving up.
+                self.part.refresh()?;
+                out = self.read_available(max_records.max(1))?;
+            }
             if !out.is_empty() {
                 return Ok(out);
             }
@@ -198,7 +203,6 @@ impl LogReader for PartitionReader {
             }
             if self.part.is_read_only() {
                 std::thread::sleep(left.min(READ_ONLY_POLL));
-                self.part.refresh()?;
             } else if self.part.durable_offset() <= self.next {
                 self.part.wait_beyond(self.next, left);
             }

@@ -1,1 +1,125 @@
-fn main(){}
+//! The `polylog` binary: command line, config loading, and the commands.
+
+mod config;
+mod quickstart;
+mod topics;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use polylog_log::EmbeddedLog;
+
+use crate::config::{Backend, Config};
+
+/// Polylog: change data capture, a durable log, denormalized views and sinks, in one binary.
+#[derive(Debug, Parser)]
+#[command(name = "polylog", version, propagate_version = true)]
+struct Cli {
+    /// Config file [default: polylog.toml, if present].
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory; overrides `data_dir` in the config.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List, inspect, read and write topics.
+    Topics {
+        #[command(subcommand)]
+        command: topics::TopicsCommand,
+    },
+    /// A guided demo on this machine: writes a stream of change events into the embedded log,
+    /// compacts it and reads it back.
+    Quickstart(quickstart::QuickstartArgs),
+    /// Work with the config file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Parse and check the config file; print a summary.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `polylog topics tail ... | head` closes the pipe: that is a normal way to stop.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let explicit = cli.config.is_some();
+    let path = cli.config.unwrap_or_else(|| PathBuf::from("polylog.toml"));
+    let data_dir = cli.data_dir;
+    let load = || -> anyhow::Result<Config> {
+        let mut config = Config::load(&path, explicit)?;
+        if let Some(dir) = data_dir.clone() {
+            config.data_dir = dir;
+        }
+        Ok(config)
+    };
+    match cli.command {
+        Command::Quickstart(args) => quickstart::run(&args, data_dir.clone()),
+        Command::Topics { command } => topics::run(&load()?, command),
+        Command::Config { command: ConfigCommand::Check } => {
+            let config = load()?;
+            println!(
+                "{}: ok — data_dir {}, log {:?} (fsync {:?}), {} source(s), {} view(s), {} sink(s), {} rollup(s){}",
+                path.display(),
+                config.data_dir.display(),
+                config.log.backend,
+                config.log.fsync,
+                config.sources.len(),
+                config.views.len(),
+                config.sinks.len(),
+                config.rollups.len(),
+                if config.collector.is_some() { ", a collector" } else { "" }
+            );
+            Ok(())
+        }
+    }
+}
+
+fn check_backend(config: &Config) -> anyhow::Result<()> {
+    if config.log.backend == Backend::Kafka {
+        bail!(
+            "`log.backend = \"kafka\"` is not available in this version yet; only the embedded log \
+             is. Use backend = \"embedded\""
+        );
+    }
+    Ok(())
+}
+
+/// Opens the log to write: this process becomes the data directory's one writer.
+pub(crate) fn open_log(config: &Config) -> anyhow::Result<EmbeddedLog> {
+    check_backend(config)?;
+    EmbeddedLog::open(&config.data_dir, config.log_options())
+        .with_context(|| format!("cannot open the log in {}", config.data_dir.display()))
+}
+
+/// Opens the log to read, beside a process that may be writing it.
+pub(crate) fn open_log_read_only(config: &Config) -> anyhow::Result<EmbeddedLog> {
+    check_backend(config)?;
+    EmbeddedLog::open_read_only(&config.data_dir, config.log_options())
+        .with_context(|| format!("cannot read the log in {}", config.data_dir.display()))
+}

@@ -1,0 +1,466 @@
+//! `polylog.toml`: the pipeline's shape (DESIGN 3.7). Every table rejects keys it does not know,
+//! and every error names the key it is about.
+
+// Sections for components that later issues build (sources, views, sinks, the collector, rollups)
+// are parsed and checked now, so a config written today keeps working; their fields are read
+// when those components land.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use polylog_log::FsyncPolicy;
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory of the embedded log and state (relative to the working directory).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Where topics are stored.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The HTTP API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Change data capture sources, by name.
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// Denormalized views, by name; each writes the topic `views.<name>`.
+    #[serde(default)]
+    pub views: BTreeMap<String, ViewConfig>,
+    /// Sinks, by name.
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+    /// The HTTP event collector.
+    #[serde(default)]
+    pub collector: Option<CollectorConfig>,
+    /// Rollups of event topics into Postgres, by name.
+    #[serde(default)]
+    pub rollups: BTreeMap<String, RollupConfig>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("polylog-data")
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `embedded` (files under `data_dir`) or `kafka`.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Kafka bootstrap servers, `host:port,...` (backend = "kafka").
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// When appended records are fsynced: `always` (per batch, group commit), `interval`, `never`.
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+    /// With `fsync = "interval"`: milliseconds between fsyncs.
+    #[serde(default = "default_fsync_interval_ms")]
+    pub fsync_interval_ms: u64,
+    /// Partitions of topics Polylog creates.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// Size at which a partition rolls to a new segment file.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Milliseconds between retention and compaction rounds.
+    #[serde(default = "default_maintenance_interval_ms")]
+    pub maintenance_interval_ms: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            backend: Backend::Embedded,
+            brokers: None,
+            fsync: FsyncPolicy::Always,
+            fsync_interval_ms: default_fsync_interval_ms(),
+            partitions: default_partitions(),
+            segment_bytes: default_segment_bytes(),
+            maintenance_interval_ms: default_maintenance_interval_ms(),
+        }
+    }
+}
+
+fn default_fsync_interval_ms() -> u64 {
+    200
+}
+fn default_partitions() -> u32 {
+    1
+}
+fn default_segment_bytes() -> u64 {
+    128 * 1024 * 1024
+}
+fn default_maintenance_interval_ms() -> u64 {
+    30_000
+}
+
+/// Where topics live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Embedded,
+    Kafka,
+}
+
+/// `[api]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address the HTTP API listens on.
+    #[serde(default = "default_api_listen")]
+    pub listen: String,
+    /// Bearer token required by every route but `/health` (or set `POLYLOG_API_TOKEN`).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { listen: default_api_listen(), token: None }
+    }
+}
+
+fn default_api_listen() -> String {
+    "127.0.0.1:7700".into()
+}
+
+/// `[sources.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Change data capture from Postgres logical replication.
+    Postgres(PostgresSourceConfig),
+}
+
+/// `[sources.<name>]` with `kind = "postgres"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSourceConfig {
+    /// Connection URL, `postgres://user@host:port/db?sslmode=...`.
+    pub url: String,
+    /// Tables to capture, as `schema.table` patterns (`*` matches any run of characters).
+    #[serde(default = "default_tables")]
+    pub tables: Vec<String>,
+    /// Tables to leave out, same patterns.
+    #[serde(default)]
+    pub exclude_tables: Vec<String>,
+    /// Topic names are `<topic_prefix>.<schema>.<table>`; defaults to the source's name.
+    #[serde(default)]
+    pub topic_prefix: Option<String>,
+    /// `initial` (snapshot once, then stream), `never`, or `always` (snapshot on every start).
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
+    /// Replication slot name; defaults to `polylog_<source>`.
+    #[serde(default)]
+    pub slot: Option<String>,
+    /// Publication name; defaults to `polylog_<source>`.
+    #[serde(default)]
+    pub publication: Option<String>,
+}
+
+fn default_tables() -> Vec<String> {
+    vec!["public.*".into()]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    #[default]
+    Initial,
+    Never,
+    Always,
+}
+
+/// `[views.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewConfig {
+    /// The root topic: one document per root row.
+    pub root: String,
+    /// LEFT JOINs from the root.
+    #[serde(default)]
+    pub joins: Vec<JoinConfig>,
+}
+
+/// One LEFT JOIN of a view, possibly with nested joins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinConfig {
+    /// Field of the parent document the joined rows go into.
+    pub name: String,
+    /// Topic of the joined table.
+    pub topic: String,
+    /// `{ <parent column> = "<joined column>" }`, one or more pairs.
+    pub on: BTreeMap<String, String>,
+    /// `one` (many-to-one: an object or null) or `many` (one-to-many: an array).
+    pub kind: JoinKind,
+    #[serde(default)]
+    pub joins: Vec<JoinConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinKind {
+    One,
+    Many,
+}
+
+/// `[sinks.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// Replicates tables into another Postgres, or stores documents as JSONB.
+    Postgres(PostgresSinkConfig),
+    /// The embedded full-text index, served by the API.
+    Search(SearchSinkConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    pub url: String,
+    /// Topics to apply, as patterns.
+    pub topics: Vec<String>,
+    /// `table` (one table per source table) or `document` (a view into a JSONB table).
+    #[serde(default)]
+    pub mode: PostgresSinkMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PostgresSinkMode {
+    #[default]
+    Table,
+    Document,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSinkConfig {
+    /// The view topic to index.
+    pub topic: String,
+}
+
+/// `[collector]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    #[serde(default = "default_collector_listen")]
+    pub listen: String,
+    /// Topic accepted events are appended to.
+    pub topic: String,
+}
+
+fn default_collector_listen() -> String {
+    "127.0.0.1:7701".into()
+}
+
+/// `[rollups.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollupConfig {
+    /// Event topic to roll up.
+    pub topic: String,
+    /// Postgres database the closed buckets are written to.
+    pub url: String,
+    /// Fields the buckets are grouped by.
+    pub dimensions: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: default_data_dir(),
+            log: LogConfig::default(),
+            api: ApiConfig::default(),
+            sources: BTreeMap::new(),
+            views: BTreeMap::new(),
+            sinks: BTreeMap::new(),
+            collector: None,
+            rollups: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and checks a config file's text; errors name the key and the problem.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.message().to_string();
+            let at = inner.span().map(|s| line_col(text, s.start)).map(|(l, c)| format!(" (line {l}, column {c})"));
+            if path == "." || path.is_empty() {
+                anyhow::anyhow!("{msg}{}", at.unwrap_or_default())
+            } else {
+                anyhow::anyhow!("`{path}`: {msg}{}", at.unwrap_or_default())
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads `path`; a missing file is an error only if the user named it.
+    pub fn load(path: &Path, explicit: bool) -> anyhow::Result<Config> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text).with_context(|| format!("invalid config {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read config {}", path.display())),
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.log.backend == Backend::Kafka && self.log.brokers.is_none() {
+            bail!("`log.brokers`: backend = \"kafka\" needs brokers = \"host:9092,...\"");
+        }
+        let segment = polylog_log::SEGMENT_BYTES_MIN..=polylog_log::SEGMENT_BYTES_MAX;
+        if !segment.contains(&self.log.segment_bytes) {
+            bail!("`log.segment_bytes`: must be between {} and {}", segment.start(), segment.end());
+        }
+        if self.log.partitions == 0 {
+            bail!("`log.partitions`: must be at least 1");
+        }
+        let addr = |key: String, v: &str| -> anyhow::Result<()> {
+            v.parse::<std::net::SocketAddr>()
+                .map(|_| ())
+                .map_err(|_| anyhow::anyhow!("`{key}`: {v:?} is not a host:port address such as 127.0.0.1:7700"))
+        };
+        addr("api.listen".into(), &self.api.listen)?;
+        if let Some(c) = &self.collector {
+            addr("collector.listen".into(), &c.listen)?;
+            polylog_log::validate_topic_name(&c.topic).with_context(|| "`collector.topic`".to_string())?;
+        }
+        for (name, s) in &self.sources {
+            let SourceConfig::Postgres(pg) = s;
+            if !(pg.url.starts_with("postgres://") || pg.url.starts_with("postgresql://")) {
+                bail!("`sources.{name}.url`: expected a postgres:// URL");
+            }
+            if pg.tables.is_empty() {
+                bail!("`sources.{name}.tables`: list at least one table pattern");
+            }
+            for t in pg.tables.iter().chain(&pg.exclude_tables) {
+                if t.split('.').count() != 2 {
+                    bail!("`sources.{name}`: table pattern {t:?} must be `schema.table` (wildcards allowed)");
+                }
+            }
+        }
+        for (name, v) in &self.views {
+            polylog_log::validate_topic_name(&v.root).with_context(|| format!("`views.{name}.root`"))?;
+            check_joins(&format!("views.{name}.joins"), &v.joins)?;
+        }
+        for (name, s) in &self.sinks {
+            match s {
+                SinkConfig::Postgres(p) if p.topics.is_empty() => {
+                    bail!("`sinks.{name}.topics`: list at least one topic pattern")
+                }
+                SinkConfig::Search(s) => polylog_log::validate_topic_name(&s.topic)
+                    .with_context(|| format!("`sinks.{name}.topic`"))?,
+                SinkConfig::Postgres(_) => {}
+            }
+        }
+        for (name, r) in &self.rollups {
+            if r.dimensions.is_empty() {
+                bail!("`rollups.{name}.dimensions`: list at least one dimension");
+            }
+        }
+        Ok(())
+    }
+
+    /// The embedded log's options as configured.
+    pub fn log_options(&self) -> polylog_log::LogOptions {
+        polylog_log::LogOptions {
+            fsync: self.log.fsync,
+            fsync_interval_ms: self.log.fsync_interval_ms,
+            maintenance_interval_ms: self.log.maintenance_interval_ms,
+            ..polylog_log::LogOptions::default()
+        }
+    }
+}
+
+fn check_joins(at: &str, joins: &[JoinConfig]) -> anyhow::Result<()> {
+    let mut names = std::collections::BTreeSet::new();
+    for (i, j) in joins.iter().enumerate() {
+        let here = format!("{at}[{i}]");
+        if !names.insert(&j.name) {
+            bail!("`{here}.name`: {:?} is used twice at this level", j.name);
+        }
+        polylog_log::validate_topic_name(&j.topic).with_context(|| format!("`{here}.topic`"))?;
+        if j.on.is_empty() {
+            bail!("`{here}.on`: give at least one `parent_column = \"joined_column\"` pair");
+        }
+        check_joins(&format!("{here}.joins"), &j.joins)?;
+    }
+    Ok(())
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of DESIGN 3.7, verbatim.
+    const DESIGN_EXAMPLE: &str = include_str!("../../../docs/polylog.example.toml");
+
+    #[test]
+    fn the_design_example_parses() {
+        let c = Config::parse(DESIGN_EXAMPLE).expect("example parses");
+        assert_eq!(c.data_dir, PathBuf::from("polylog-data"));
+        assert_eq!(c.log.fsync, FsyncPolicy::Always);
+        let SourceConfig::Postgres(app) = &c.sources["app"];
+        assert_eq!(app.exclude_tables, vec!["public.audit_log".to_string()]);
+        assert_eq!(app.snapshot, SnapshotMode::Initial);
+        let v = &c.views["videos"];
+        assert_eq!(v.joins[1].joins[0].name, "tag");
+        assert_eq!(v.joins[1].kind, JoinKind::Many);
+        assert!(matches!(c.sinks["replica"], SinkConfig::Postgres(_)));
+        assert_eq!(c.rollups["viewability"].dimensions.len(), 4);
+    }
+
+    fn check_error(toml: &str, expected: &[&str]) {
+        let err = format!("{:#}", Config::parse(toml).expect_err(toml));
+        for e in expected {
+            assert!(err.contains(e), "error for {toml:?} is {err:?}; expected it to mention {e:?}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        check_error("data_dri = \"x\"", &["unknown field `data_dri`", "line 1"]);
+        check_error("[log]\nfsync = \"sometimes\"", &["`log.fsync`", "unknown variant `sometimes`", "line 2"]);
+        check_error("[log]\nfsyncc = \"always\"", &["`log`", "unknown field `fsyncc`"]);
+        check_error("[log]\nsegment_bytes = \"big\"", &["`log.segment_bytes`", "invalid type"]);
+        check_error("[log]\nsegment_bytes = 1", &["`log.segment_bytes`", "between"]);
+        check_error("[log]\nbackend = \"kafka\"", &["`log.brokers`"]);
+        check_error("[api]\nlisten = \"nowhere\"", &["`api.listen`"]);
+        check_error("[sources.app]\nkind = \"mysql\"\nurl = \"x\"", &["`sources.app`", "unknown variant `mysql`"]);
+        check_error("[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x\"\ntabels = []", &["`sources.app`", "unknown field `tabels`"]);
+        check_error("[sources.app]\nkind = \"postgres\"", &["`sources.app`", "missing field `url`"]);
+        check_error("[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x\"\ntables = [\"videos\"]", &["schema.table"]);
+        check_error("[views.v]\nroot = \"bad topic\"", &["`views.v.root`"]);
+        check_error(
+            "[views.v]\nroot = \"a\"\njoins = [{ name = \"p\", topic = \"b\", on = {}, kind = \"one\" }]",
+            &["`views.v.joins[0].on`"],
+        );
+        check_error(
+            "[views.v]\nroot = \"a\"\njoins = [{ name = \"p\", topic = \"b\", on = { x = \"y\" }, kind = \"some\" }]",
+            &["unknown variant `some`"],
+        );
+        check_error("[sinks.s]\nkind = \"search\"\ntopic = \"views.v\"\nextra = 1", &["`sinks.s`", "unknown field `extra`"]);
+        check_error("[collector]\nlisten = \"127.0.0.1:1\"", &["missing field `topic`"]);
+    }
+}
