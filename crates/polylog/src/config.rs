@@ -442,14 +442,14 @@ mod tests {
     fn errors_name_the_key() {
         check_error("data_dri = \"x\"", &["unknown field `data_dri`", "line 1"]);
         check_error("[log]\nfsync = \"sometimes\"", &["`log.fsync`", "unknown variant `sometimes`", "line 2"]);
-        check_error("[log]\nfsyncc = \"always\"", &["`log`", "unknown field `fsyncc`"]);
+        check_error("[log]\nfsyncc = \"always\"", &["`log.fsyncc`", "unknown field `fsyncc`", "expected one of"]);
         check_error("[log]\nsegment_bytes = \"big\"", &["`log.segment_bytes`", "invalid type"]);
         check_error("[log]\nsegment_bytes = 1", &["`log.segment_bytes`", "between"]);
         check_error("[log]\nbackend = \"kafka\"", &["`log.brokers`"]);
         check_error("[api]\nlisten = \"nowhere\"", &["`api.listen`"]);
-        check_error("[sources.app]\nkind = \"mysql\"\nurl = \"x\"", &["`sources.app`", "unknown variant `mysql`"]);
-        check_error("[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x\"\ntabels = []", &["`sources.app`", "unknown field `tabels`"]);
-        check_error("[sources.app]\nkind = \"postgres\"", &["`sources.app`", "missing field `url`"]);
+        check_error("[sources.app]\nkind = \"mysql\"\nurl = \"x\"", &["`sources.app", "unknown variant `mysql`"]);
+        check_error("[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x\"\ntabels = []", &["`sources.app", "unknown field `tabels`"]);
+        check_error("[sources.app]\nkind = \"postgres\"", &["`sources.app", "missing field `url`"]);
         check_error("[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x\"\ntables = [\"videos\"]", &["schema.table"]);
         check_error("[views.v]\nroot = \"bad topic\"", &["`views.v.root`"]);
         check_error(
@@ -460,7 +460,7 @@ mod tests {
             "[views.v]\nroot = \"a\"\njoins = [{ name = \"p\", topic = \"b\", on = { x = \"y\" }, kind = \"some\" }]",
             &["unknown variant `some`"],
         );
-        check_error("[sinks.s]\nkind = \"search\"\ntopic = \"views.v\"\nextra = 1", &["`sinks.s`", "unknown field `extra`"]);
+        check_error("[sinks.s]\nkind = \"search\"\ntopic = \"views.v\"\nextra = 1", &["`sinks.s", "unknown field `extra`"]);
         check_error("[collector]\nlisten = \"127.0.0.1:1\"", &["missing field `topic`"]);
     }
 }

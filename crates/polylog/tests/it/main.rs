@@ -1,1 +1,199 @@
+//! The `polylog` binary as a user runs it.
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("polylog-cli-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn polylog(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_polylog"));
+    c.current_dir(dir);
+    c
+}
+
+fn run(dir: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = polylog(dir)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn polylog");
+    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+    child.wait_with_output().expect("polylog output")
+}
+
+fn ok(dir: &Path, args: &[&str], stdin: &str) -> String {
+    let out = run(dir, args, stdin);
+    assert!(out.status.success(), "polylog {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(dir: &Path, args: &[&str], stdin: &str) -> String {
+    let out = run(dir, args, stdin);
+    assert!(!out.status.success(), "polylog {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines().map(|l| serde_json::from_str(l).expect("tail prints JSON lines")).collect()
+}
+
+#[test]
+fn produce_then_tail_prints_the_documented_json_lines() {
+    let d = TempDir::new("tail");
+    ok(&d.0, &["topics", "create", "videos", "--partitions", "2"], "");
+    let input = "{\"id\":1}\t{\"title\":\"a\"}\n{\"id\":2}\tplain text\nno key here\n\n{\"id\":1}\t{\"title\":\"b\"}\n";
+    let out = run(&d.0, &["topics", "produce", "videos"], input);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("produced 4 record(s)"));
+    let all = lines(&ok(&d.0, &["topics", "tail", "videos", "--from-beginning"], ""));
+    assert_eq!(all.len(), 4);
+    let first = &all.iter().find(|v| v["key"]["id"] == 1).expect("id 1");
+    // Field order and shape as DESIGN 3.7 documents.
+    let keys: Vec<&str> = first.as_object().expect("object").keys().map(String::as_str).collect();
+    assert_eq!(keys, ["topic", "partition", "offset", "timestamp", "key", "value"]);
+    assert_eq!(first["topic"], "videos");
+    assert_eq!(first["value"]["title"], "a");
+    assert!(first["timestamp"].as_i64().expect("ms") > 1_600_000_000_000);
+    assert!(all.iter().any(|v| v["value"] == "plain text" && v["key"]["id"] == 2));
+    assert!(all.iter().any(|v| v["value"] == "no key here" && v["key"].is_null()));
+    // The same key always lands in the same partition, in order.
+    let id1: Vec<_> = all.iter().filter(|v| v["key"]["id"] == 1).collect();
+    assert_eq!(id1[0]["partition"], id1[1]["partition"]);
+    assert_eq!(id1[1]["value"]["title"], "b");
+    // Without --from-beginning: the last -n records per partition.
+    let last = lines(&ok(&d.0, &["topics", "tail", "videos", "-n", "1", "--partition", &id1[1]["partition"].to_string()], ""));
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0]["value"]["title"], "b");
+    let listed = ok(&d.0, &["topics", "list"], "");
+    assert!(listed.contains("videos") && listed.contains("PARTITIONS"), "{listed}");
+    let described: serde_json::Value =
+        serde_json::from_str(&ok(&d.0, &["topics", "describe", "videos", "--json"], "")).expect("json");
+    assert_eq!(described["partitions"].as_array().expect("partitions").len(), 2);
+}
+
+#[test]
+fn tail_follow_sees_records_another_process_produces() {
+    let d = TempDir::new("follow");
+    ok(&d.0, &["topics", "create", "events"], "");
+    let mut tail = polylog(&d.0)
+        .args(["topics", "tail", "events", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tail");
+    let stdout = tail.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&d.0, &["topics", "produce", "events"], "k\tfirst\n");
+    ok(&d.0, &["topics", "produce", "events"], "k\tsecond\n");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 2 && Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            got.push(l);
+        }
+    }
+    let _ = tail.kill();
+    let _ = tail.wait();
+    let values: Vec<String> = lines(&got.join("\n")).iter().map(|v| v["value"].to_string()).collect();
+    assert_eq!(values, ["\"first\"", "\"second\""]);
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let d = TempDir::new("config");
+    std::fs::write(d.0.join("polylog.toml"), "[log]\nfsync = \"sometimes\"\n").expect("write");
+    let e = fails(&d.0, &["topics", "list"], "");
+    assert!(e.contains("`log.fsync`") && e.contains("sometimes") && e.contains("line 2"), "{e}");
+    std::fs::write(d.0.join("other.toml"), "[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x/y\"\ntabels = []\n")
+        .expect("write");
+    // -c works before and after the subcommand.
+    for args in [&["-c", "other.toml", "config", "check"][..], &["config", "check", "-c", "other.toml"]] {
+        let e = fails(&d.0, args, "");
+        assert!(e.contains("`sources.app`") && e.contains("unknown field `tabels`"), "{e}");
+    }
+    let e = fails(&d.0, &["-c", "missing.toml", "config", "check"], "");
+    assert!(e.contains("missing.toml"), "{e}");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/polylog.example.toml"),
+        d.0.join("example.toml"),
+    )
+    .expect("copy example");
+    let out = ok(&d.0, &["-c", "example.toml", "config", "check"], "");
+    assert!(out.contains("1 source(s), 1 view(s), 2 sink(s), 1 rollup(s), a collector"), "{out}");
+}
+
+#[test]
+fn refusals_are_clear_and_change_nothing() {
+    let d = TempDir::new("refuse");
+    let e = fails(&d.0, &["topics", "list"], "");
+    assert!(e.contains("no Polylog data directory"), "{e}");
+    let e = fails(&d.0, &["topics", "create", "bad/name"], "");
+    assert!(e.contains("invalid topic name"), "{e}");
+    let e = fails(&d.0, &["topics", "produce", "nope"], "x\ty\n");
+    assert!(e.contains("does not exist") && e.contains("--create"), "{e}");
+    let e = fails(&d.0, &["topics", "tail", "nope"], "");
+    assert!(e.contains("does not exist"), "{e}");
+    // A directory with other contents is not taken over.
+    std::fs::create_dir_all(d.0.join("mine")).expect("mkdir");
+    std::fs::write(d.0.join("mine/notes.txt"), "keep").expect("write");
+    let e = fails(&d.0, &["--data-dir", "mine", "topics", "create", "t"], "");
+    assert!(e.contains("not a Polylog data directory"), "{e}");
+    assert_eq!(std::fs::read_dir(d.0.join("mine")).expect("ls").count(), 1);
+    // A second writer is refused while the first holds the directory.
+    ok(&d.0, &["topics", "create", "t"], "");
+    let mut holder = polylog(&d.0)
+        .args(["topics", "produce", "t"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn producer");
+    let mut stdin = holder.stdin.take().expect("stdin");
+    stdin.write_all(b"a\t1\n").expect("write");
+    std::thread::sleep(Duration::from_millis(500));
+    let e = fails(&d.0, &["topics", "produce", "t"], "b\t2\n");
+    assert!(e.contains("in use by another polylog process") && e.contains("pid"), "{e}");
+    drop(stdin);
+    assert!(holder.wait().expect("producer exits").success());
+    let all = lines(&ok(&d.0, &["topics", "tail", "t", "--from-beginning"], ""));
+    assert_eq!(all.len(), 1, "only the first producer's record is there");
+}
+
+#[test]
+fn quickstart_runs_on_a_fresh_machine() {
+    let d = TempDir::new("quickstart");
+    let out = ok(&d.0, &["quickstart", "--events", "20000"], "");
+    assert!(out.contains("Done: 20000 events"), "{out}");
+    assert!(out.contains("Next, try:"), "{out}");
+    let listed = ok(&d.0, &["--data-dir", "polylog-quickstart", "topics", "list"], "");
+    assert!(listed.contains("quickstart.public.videos"), "{listed}");
+    // Running it again adds to the same topic.
+    let again = ok(&d.0, &["quickstart", "--events", "1000"], "");
+    assert!(again.contains("exists from an earlier run"), "{again}");
+}
