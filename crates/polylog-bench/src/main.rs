@@ -1,1 +1,109 @@
-fn main(){}
+//! Polylog's benchmark scenarios. Each runs Polylog's code and its baseline on the same data in
+//! the same run and ends with a machine-readable line:
+//! `RESULT <scenario> polylog=<value><unit> baseline=<value><unit> ratio=<polylog/baseline>`.
+//!
+//! ```text
+//! cargo run --release -p polylog-bench -- <scenario> [--quick] [--dir DIR] [options]
+//! ```
+
+mod log_append;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Options every scenario understands.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// A small data set that finishes in well under a minute.
+    pub quick: bool,
+    /// Where scenario data is written (removed afterwards).
+    pub dir: PathBuf,
+    /// Scenario-specific `--name value` pairs.
+    pub extra: Vec<(String, String)>,
+}
+
+impl Opts {
+    pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+        match self.extra.iter().rev().find(|(k, _)| k == name) {
+            None => Ok(default),
+            Some((_, v)) => v.parse().map_err(|_| format!("--{name}: cannot parse {v:?}")),
+        }
+    }
+}
+
+const SCENARIOS: &[(&str, &str)] = &[(
+    "log_append",
+    "records/s appending 200-byte records in fsync'ed batches, vs write+fsync of the same bytes \
+     (options: --records N, --batch N)",
+)];
+
+fn usage() -> String {
+    let mut s = String::from(
+        "usage: polylog-bench <scenario> [--quick] [--dir DIR] [--<option> VALUE]...\n\nscenarios:\n",
+    );
+    for (name, what) in SCENARIOS {
+        s.push_str(&format!("  {name:<12} {what}\n"));
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(scenario) = args.next().filter(|a| !a.starts_with('-')) else {
+        eprint!("{}", usage());
+        return ExitCode::from(2);
+    };
+    let mut opts = Opts { quick: false, dir: std::env::temp_dir(), extra: Vec::new() };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => opts.quick = true,
+            "--dir" => match args.next() {
+                Some(d) => opts.dir = PathBuf::from(d),
+                None => {
+                    eprintln!("--dir needs a directory");
+                    return ExitCode::from(2);
+                }
+            },
+            flag if flag.starts_with("--") => match args.next() {
+                Some(v) => opts.extra.push((flag[2..].to_string(), v)),
+                None => {
+                    eprintln!("{flag} needs a value\n{}", usage());
+                    return ExitCode::from(2);
+                }
+            },
+            other => {
+                eprintln!("unexpected argument {other:?}\n{}", usage());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let result = match scenario.as_str() {
+        "log_append" => log_append::run(&opts),
+        other => Err(format!("unknown scenario {other:?}\n{}", usage())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A directory for one scenario's data, removed when dropped.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(opts: &Opts, tag: &str) -> Result<ScratchDir, String> {
+        let p = opts.dir.join(format!("polylog-bench-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).map_err(|e| format!("creating {}: {e}", p.display()))?;
+        Ok(ScratchDir(p))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -134,8 +134,8 @@ fn compact_pass(p: &Partition, now_ms: i64) -> Result<Option<CompactionStats>> {
             let recs: Vec<_> = keep.iter().map(|r| (r.offset, r.timestamp, r.to_record())).collect();
             buf.clear();
             let items = recs.iter().map(|(o, ts, r)| ((o - h.base_offset) as u32, *ts, r));
-            let len = format::encode_batch(&mut buf, h.base_offset, h.last_offset_delta, items);
-            let max_ts = recs.iter().map(|(_, ts, _)| *ts).max().unwrap_or(i64::MIN);
+            let encoded = format::encode_batch(&mut buf, h.base_offset, h.last_offset_delta, items);
+            let (len, max_ts) = (encoded.len, encoded.max_timestamp);
             let rel = (h.base_offset - seg.base) as u32;
             index.on_batch(rel, meta.size as u32, len as u64, max_ts, p.opts.index_interval_bytes);
             meta.size += len as u64;

@@ -134,43 +134,64 @@ pub(crate) fn check_batch(buf: &[u8], batch_bytes_max: usize) -> Result<BatchHea
     Ok(header)
 }
 
-/// Appends one encoded batch holding `records` at `base_offset` to `out`.
-/// `offset_deltas` gives each record's offset relative to `base_offset` (ascending); `None` means
-/// consecutive offsets. `last_offset_delta` must be at least the last delta.
-pub(crate) fn encode_batch<'a, I>(
+/// What [`encode_batch`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Encoded {
+    pub len: usize,
+    pub max_timestamp: i64,
+    pub next_offset: u64,
+}
+
+/// Appends one encoded batch holding `records` at `base_offset` to `out`. Each item is
+/// (offset delta, timestamp, record), deltas ascending; `last_offset_delta` must be at least the
+/// last delta (compaction keeps it when it removes the last records).
+pub(crate) fn encode_batch<'a>(
     out: &mut Vec<u8>,
     base_offset: u64,
     last_offset_delta: u32,
-    records: I,
-) -> usize
-where
-    I: IntoIterator<Item = (u32, i64, &'a Record)>,
-    I::IntoIter: Clone,
-{
-    let records = records.into_iter();
+    records: impl IntoIterator<Item = (u32, i64, &'a Record)>,
+) -> Encoded {
     let start = out.len();
-    let base_timestamp = records.clone().map(|(_, ts, _)| ts).min().unwrap_or(0);
-    let max_timestamp = records.clone().map(|(_, ts, _)| ts).max().unwrap_or(0);
     out.extend_from_slice(&[0u8; BATCH_HEADER_BYTES]);
     let mut count = 0u32;
-    let mut body = Vec::new();
+    let mut base_timestamp = None;
+    let mut max_timestamp = i64::MIN;
     for (delta, ts, r) in records {
-        body.clear();
-        put_varint(&mut body, u64::from(delta));
-        put_zigzag(&mut body, ts.wrapping_sub(base_timestamp));
-        put_bytes(&mut body, r.key.as_deref());
-        put_bytes(&mut body, r.value.as_deref());
-        put_varint(&mut body, r.headers.len() as u64);
+        let base_ts = *base_timestamp.get_or_insert(ts);
+        max_timestamp = max_timestamp.max(ts);
+        let ts_delta = zigzag(ts.wrapping_sub(base_ts));
+        let key = r.key.as_deref();
+        let value = r.value.as_deref();
+        let mut body = varint_len(u64::from(delta))
+            + varint_len(ts_delta)
+            + nullable_len(key)
+            + nullable_len(value)
+            + varint_len(r.headers.len() as u64);
         for (k, v) in &r.headers {
-            put_varint(&mut body, k.len() as u64);
-            body.extend_from_slice(k.as_bytes());
-            put_varint(&mut body, v.len() as u64);
-            body.extend_from_slice(v);
+            body += varint_len(k.len() as u64) + k.len() + varint_len(v.len() as u64) + v.len();
         }
-        put_varint(out, body.len() as u64);
-        out.extend_from_slice(&body);
+        out.reserve(body + 10);
+        let mut head = Varints::default();
+        head.push(body as u64);
+        head.push(u64::from(delta));
+        head.push(ts_delta);
+        head.push(key.map_or(zigzag(-1), |k| zigzag(k.len() as i64)));
+        out.extend_from_slice(head.as_slice());
+        out.extend_from_slice(key.unwrap_or_default());
+        let mut mid = Varints::default();
+        mid.push(value.map_or(zigzag(-1), |v| zigzag(v.len() as i64)));
+        out.extend_from_slice(mid.as_slice());
+        out.extend_from_slice(value.unwrap_or_default());
+        put_varint(out, r.headers.len() as u64);
+        for (k, v) in &r.headers {
+            put_varint(out, k.len() as u64);
+            out.extend_from_slice(k.as_bytes());
+            put_varint(out, v.len() as u64);
+            out.extend_from_slice(v);
+        }
         count += 1;
     }
+    let base_timestamp = base_timestamp.unwrap_or(0);
     let total = out.len() - start;
     let b = &mut out[start..];
     b[4..8].copy_from_slice(&((total - BATCH_PREFIX_BYTES) as u32).to_le_bytes());
@@ -183,7 +204,42 @@ where
     b[38..42].copy_from_slice(&count.to_le_bytes());
     let crc = crc32c::crc32c(&b[4..]);
     b[0..4].copy_from_slice(&crc.to_le_bytes());
-    total
+    Encoded { len: total, max_timestamp, next_offset: base_offset + u64::from(last_offset_delta) + 1 }
+}
+
+/// A few varints encoded on the stack, appended to the batch in one copy.
+#[derive(Default)]
+struct Varints {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl Varints {
+    fn push(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.buf[self.len] = (v as u8) | 0x80;
+            self.len += 1;
+            v >>= 7;
+        }
+        self.buf[self.len] = v as u8;
+        self.len += 1;
+    }
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+fn nullable_len(b: Option<&[u8]>) -> usize {
+    match b {
+        None => 1,
+        Some(b) => varint_len(zigzag(b.len() as i64)) + b.len(),
+    }
 }
 
 /// Bytes a record adds to a batch at most (used to enforce `batch_bytes_max` before encoding).
@@ -346,18 +402,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     }
     out.push(v as u8);
 }
-fn put_zigzag(out: &mut Vec<u8>, v: i64) {
-    put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
-}
-fn put_bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
-    match b {
-        None => put_zigzag(out, -1),
-        Some(b) => {
-            put_zigzag(out, b.len() as i64);
-            out.extend_from_slice(b);
-        }
-    }
-}
+
 
 #[cfg(test)]
 mod tests {
@@ -376,11 +421,17 @@ mod tests {
     fn batch_round_trips_and_every_bit_flip_is_caught() {
         let rs = [rec("a", Some("1")), rec("b", None), rec("c", Some(""))];
         let mut buf = Vec::new();
-        let n = encode_batch(&mut buf, 7, 4, rs.iter().enumerate().map(|(i, r)| (i as u32 * 2, 100 - i as i64, r)));
-        assert_eq!(n, buf.len());
+        let items = rs.iter().enumerate().map(|(i, r)| (i as u32 * 2, 100 - i as i64, r));
+        let e = encode_batch(&mut buf, 7, 4, items);
+        assert_eq!((e.len, e.max_timestamp, e.next_offset), (buf.len(), 100, 12));
+        for v in [0u64, 1, 127, 128, 16383, 16384, u64::MAX] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            assert_eq!(b.len(), varint_len(v), "varint_len({v})");
+        }
         let h = check_batch(&buf, 1 << 20).expect("valid batch");
         assert_eq!((h.base_offset, h.next_offset(), h.record_count), (7, 12, 3));
-        assert_eq!((h.base_timestamp, h.max_timestamp), (98, 100));
+        assert_eq!((h.base_timestamp, h.max_timestamp), (100, 100));
         let mut it = RecordIter::new(h, &buf[BATCH_HEADER_BYTES..]);
         let got: Vec<_> = std::iter::from_fn(|| it.next_raw()).map(|r| r.expect("record").to_stored(0)).collect();
         assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), [7, 9, 11]);

@@ -154,17 +154,17 @@ impl Partition {
         let mut buf = std::mem::take(&mut st.buf);
         buf.clear();
         let items = records.iter().enumerate().map(|(i, r)| (i as u32, r.timestamp_ms.unwrap_or(now), r));
-        format::encode_batch(&mut buf, base, n - 1, items);
-        let result = self.write_batch(&mut st, &buf, base, n);
+        let encoded = format::encode_batch(&mut buf, base, n - 1, items);
+        let result = self.write_batch(&mut st, &buf, base, encoded);
         st.buf = buf;
         result?;
         Ok(Appended { partition: self.id, base_offset: base, last_offset: base + u64::from(n) - 1 })
     }
 
-    fn write_batch(&self, st: &mut State, batch: &[u8], base: u64, n: u32) -> Result<()> {
+    fn write_batch(&self, st: &mut State, batch: &[u8], base: u64, e: format::Encoded) -> Result<()> {
         let len = batch.len() as u64;
         let a = &st.active.meta;
-        let rel_end = base + u64::from(n) - a.base;
+        let rel_end = e.next_offset - a.base;
         if a.size > 0 && (a.size + len > self.config.segment_bytes || rel_end > u64::from(u32::MAX)) {
             self.roll(st)?;
         }
@@ -173,15 +173,12 @@ impl Partition {
         if let Err(e) = self.faults_write(&file, batch, pos) {
             return Err(self.poison(st, "writing a batch", &e));
         }
-        let header = format::check_batch(batch, usize::MAX).map_err(|e| {
-            LogError::InvalidAppend(format!("internal error: encoded batch does not decode: {e:?}"))
-        })?;
         let a = &mut st.active;
         let rel = (base - a.meta.base) as u32;
-        a.index.on_batch(rel, pos as u32, len, header.max_timestamp, self.opts.index_interval_bytes);
+        a.index.on_batch(rel, pos as u32, len, e.max_timestamp, self.opts.index_interval_bytes);
         a.meta.size = pos + len;
-        a.meta.next_offset = header.next_offset();
-        a.meta.max_timestamp = a.meta.max_timestamp.max(header.max_timestamp);
+        a.meta.next_offset = e.next_offset;
+        a.meta.max_timestamp = a.meta.max_timestamp.max(e.max_timestamp);
         if self.opts.fsync == FsyncPolicy::Never {
             st.durable = st.active.meta.next_offset;
             self.changed.notify_all();
