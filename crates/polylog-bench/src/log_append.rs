@@ -54,8 +54,16 @@ fn pool(batch: usize) -> Vec<Vec<Record>> {
         .collect()
 }
 
-fn polylog_append(dir: &std::path::Path, pool: &[Vec<Record>], batches: usize) -> Result<Measured, String> {
-    let opts = LogOptions { fsync: FsyncPolicy::Always, maintenance_interval_ms: 0, ..LogOptions::default() };
+fn polylog_append(
+    dir: &std::path::Path,
+    pool: &[Vec<Record>],
+    batches: usize,
+) -> Result<Measured, String> {
+    let opts = LogOptions {
+        fsync: FsyncPolicy::Always,
+        maintenance_interval_ms: 0,
+        ..LogOptions::default()
+    };
     let log = EmbeddedLog::open(dir, opts).map_err(|e| e.to_string())?;
     log.create_topic("bench", &TopicConfig::new(1)).map_err(|e| e.to_string())?;
     let started = Instant::now();
@@ -63,14 +71,19 @@ fn polylog_append(dir: &std::path::Path, pool: &[Vec<Record>], batches: usize) -
     for i in 0..batches {
         let batch = &pool[i % pool.len()];
         let a = log.append("bench", 0, batch).map_err(|e| e.to_string())?;
-        log.wait_durable("bench", 0, a.last_offset + 1, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+        log.wait_durable("bench", 0, a.last_offset + 1, Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
         records += batch.len() as u64;
     }
     let secs = started.elapsed().as_secs_f64();
     Ok(Measured { secs, records, bytes: records * RECORD_BYTES as u64 })
 }
 
-fn baseline_append(path: &std::path::Path, pool: &[Vec<Record>], batches: usize) -> Result<Measured, String> {
+fn baseline_append(
+    path: &std::path::Path,
+    pool: &[Vec<Record>],
+    batches: usize,
+) -> Result<Measured, String> {
     let io = |e: std::io::Error| format!("baseline: {e}");
     let mut f = File::create(path).map_err(io)?;
     let mut buf = Vec::new();
@@ -182,11 +195,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
         (Some(p), Some(b)) => (p, b),
         _ => return Err("no runs".into()),
     };
-    println!(
-        "  best: polylog {:.1} MB/s, baseline {:.1} MB/s",
-        p.mb_per_s(),
-        b.mb_per_s()
-    );
+    println!("  best: polylog {:.1} MB/s, baseline {:.1} MB/s", p.mb_per_s(), b.mb_per_s());
     println!(
         "RESULT log_append polylog={:.0}rec/s baseline={:.0}rec/s ratio={:.2}",
         p.rec_per_s(),

@@ -131,7 +131,8 @@ fn compact_pass(p: &Partition, now_ms: i64) -> Result<Option<CompactionStats>> {
             if keep.is_empty() {
                 return Ok(true);
             }
-            let recs: Vec<_> = keep.iter().map(|r| (r.offset, r.timestamp, r.to_record())).collect();
+            let recs: Vec<_> =
+                keep.iter().map(|r| (r.offset, r.timestamp, r.to_record())).collect();
             buf.clear();
             let items = recs.iter().map(|(o, ts, r)| ((o - h.base_offset) as u32, *ts, r));
             let encoded = format::encode_batch(&mut buf, h.base_offset, h.last_offset_delta, items);
@@ -148,10 +149,13 @@ fn compact_pass(p: &Partition, now_ms: i64) -> Result<Option<CompactionStats>> {
         })?;
         let flushed = match write_err {
             Some(e) => Err(e),
-            None => out
-                .into_inner()
-                .map_err(|e| e.into_error())
-                .and_then(|f| if durable { f.sync_all() } else { Ok(()) }),
+            None => out.into_inner().map_err(|e| e.into_error()).and_then(|f| {
+                if durable {
+                    f.sync_all()
+                } else {
+                    Ok(())
+                }
+            }),
         };
         flushed.map_err(LogError::io("writing a compacted segment", &tmp))?;
         stats.segments_rewritten += 1;
@@ -184,7 +188,8 @@ fn for_each_batch(
     let mut cur = BatchCursor::new(file, 0, p.opts.batch_bytes_max);
     loop {
         let pos = cur.pos;
-        let corrupt = |reason: String| LogError::Corrupt { path: path.clone(), position: pos, reason };
+        let corrupt =
+            |reason: String| LogError::Corrupt { path: path.clone(), position: pos, reason };
         match cur.next_batch(seg.size) {
             Ok(None) => return Ok(true),
             Ok(Some((h, bytes))) => {
@@ -192,7 +197,9 @@ fn for_each_batch(
                     return Ok(false);
                 }
             }
-            Err(ReadStop::Io(e)) => return Err(LogError::io("reading a segment to compact", &path)(e)),
+            Err(ReadStop::Io(e)) => {
+                return Err(LogError::io("reading a segment to compact", &path)(e))
+            }
             Err(ReadStop::Torn { .. }) => return Err(corrupt("sealed segment ends early".into())),
             Err(ReadStop::Corrupt { reason, .. }) => return Err(corrupt(reason)),
         }

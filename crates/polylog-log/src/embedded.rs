@@ -26,8 +26,8 @@ use crate::groups::Groups;
 use crate::partition::{sync_dir, Partition};
 use crate::reader::PartitionReader;
 use crate::{
-    validate_topic_name, Appended, Log, LogError, LogReader, Record, Result, StartAt,
-    TopicConfig, TopicDescription,
+    validate_topic_name, Appended, Log, LogError, LogReader, Record, Result, StartAt, TopicConfig,
+    TopicDescription,
 };
 
 const MARKER_FILE: &str = "polylog.json";
@@ -370,7 +370,8 @@ impl Log for EmbeddedLog {
             partitions.push(Arc::new(p));
         }
         // topic.json last: a directory without it is an unfinished creation, removed on open.
-        let json = serde_json::to_vec_pretty(config).map_err(|e| LogError::InvalidTopicConfig(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(config)
+            .map_err(|e| LogError::InvalidTopicConfig(e.to_string()))?;
         let tmp = dir.join("topic.json.tmp");
         let mut f = File::create(&tmp).map_err(io("writing topic config"))?;
         f.write_all(&json).and_then(|()| f.sync_all()).map_err(io("writing topic config"))?;
@@ -409,7 +410,13 @@ impl Log for EmbeddedLog {
         Ok(p.durable_offset())
     }
 
-    fn wait_durable(&self, topic: &str, partition: u32, offset: u64, timeout: Duration) -> Result<()> {
+    fn wait_durable(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        timeout: Duration,
+    ) -> Result<()> {
         self.partition(topic, partition)?.wait_durable(offset, timeout)
     }
 
@@ -467,7 +474,10 @@ fn check_marker(dir: &Path) -> Result<()> {
             return Err(LogError::NoDataDir { path: dir.into() })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(LogError::NotADataDir { path: dir.into(), reason: format!("it has no {MARKER_FILE}") })
+            return Err(LogError::NotADataDir {
+                path: dir.into(),
+                reason: format!("it has no {MARKER_FILE}"),
+            })
         }
         Err(e) => return Err(LogError::io("reading", path)(e)),
     };
@@ -481,7 +491,10 @@ fn check_marker(dir: &Path) -> Result<()> {
     if v["version"] != 1 {
         return Err(LogError::NotADataDir {
             path: dir.into(),
-            reason: format!("it uses data format version {}, this polylog reads version 1", v["version"]),
+            reason: format!(
+                "it uses data format version {}, this polylog reads version 1",
+                v["version"]
+            ),
         });
     }
     Ok(())
@@ -556,7 +569,8 @@ fn load_topics(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if !read_only {
                     // Creation never finished, so the topic was never reported as created.
-                    fs::remove_dir_all(&tdir).map_err(LogError::io("removing unfinished topic", &tdir))?;
+                    fs::remove_dir_all(&tdir)
+                        .map_err(LogError::io("removing unfinished topic", &tdir))?;
                 }
                 continue;
             }

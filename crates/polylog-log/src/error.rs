@@ -83,7 +83,10 @@ pub(crate) fn is_disk_full(e: &io::Error) -> bool {
 }
 
 impl LogError {
-    pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+    pub(crate) fn io(
+        context: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(io::Error) -> Self {
         let path = path.into();
         move |source| LogError::Io { context, path, source }
     }

@@ -54,7 +54,9 @@ impl BatchHeader {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum FormatError {
     /// Fewer bytes than the batch needs: a torn write, or the end of what was written so far.
-    Incomplete { needed: usize },
+    Incomplete {
+        needed: usize,
+    },
     Corrupt(String),
 }
 
@@ -85,7 +87,9 @@ pub(crate) fn batch_total_len(buf: &[u8], batch_bytes_max: usize) -> Result<usiz
         return corrupt(format!("batch length {len} is shorter than a batch header"));
     }
     if total > batch_bytes_max {
-        return corrupt(format!("batch length {total} exceeds the limit of {batch_bytes_max} bytes"));
+        return corrupt(format!(
+            "batch length {total} exceeds the limit of {batch_bytes_max} bytes"
+        ));
     }
     Ok(total)
 }
@@ -204,7 +208,11 @@ pub(crate) fn encode_batch<'a>(
     b[38..42].copy_from_slice(&count.to_le_bytes());
     let crc = crc32c::crc32c(&b[4..]);
     b[0..4].copy_from_slice(&crc.to_le_bytes());
-    Encoded { len: total, max_timestamp, next_offset: base_offset + u64::from(last_offset_delta) + 1 }
+    Encoded {
+        len: total,
+        max_timestamp,
+        next_offset: base_offset + u64::from(last_offset_delta) + 1,
+    }
 }
 
 /// A few varints encoded on the stack, appended to the batch in one copy.
@@ -282,7 +290,12 @@ impl RawRecord<'_> {
     /// The record as a producer would write it (for compaction, which rewrites batches).
     pub fn to_record(self) -> Record {
         let s = self.to_stored(0);
-        Record { key: s.key, value: s.value, headers: s.headers, timestamp_ms: Some(s.timestamp_ms) }
+        Record {
+            key: s.key,
+            value: s.value,
+            headers: s.headers,
+            timestamp_ms: Some(s.timestamp_ms),
+        }
     }
 }
 
@@ -403,7 +416,6 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,7 +445,8 @@ mod tests {
         assert_eq!((h.base_offset, h.next_offset(), h.record_count), (7, 12, 3));
         assert_eq!((h.base_timestamp, h.max_timestamp), (100, 100));
         let mut it = RecordIter::new(h, &buf[BATCH_HEADER_BYTES..]);
-        let got: Vec<_> = std::iter::from_fn(|| it.next_raw()).map(|r| r.expect("record").to_stored(0)).collect();
+        let got: Vec<_> =
+            std::iter::from_fn(|| it.next_raw()).map(|r| r.expect("record").to_stored(0)).collect();
         assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), [7, 9, 11]);
         assert_eq!(got[1].value, None);
         assert_eq!(got[2].value.as_deref(), Some(&b""[..]));

@@ -23,7 +23,11 @@ pub(crate) fn validate_group_name(name: &str) -> Result<()> {
         && name != "."
         && name != ".."
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok { Ok(()) } else { Err(LogError::InvalidGroupName { name: name.into() }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(LogError::InvalidGroupName { name: name.into() })
+    }
 }
 
 impl Groups {
@@ -61,10 +65,13 @@ impl Groups {
         let io = |what| LogError::io(what, path.clone());
         fs::create_dir_all(&self.dir).map_err(io("creating the groups directory"))?;
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(&current).map_err(|e| LogError::InvalidAppend(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&current)
+            .map_err(|e| LogError::InvalidAppend(e.to_string()))?;
         fs::write(&tmp, bytes).map_err(io("writing committed offsets"))?;
         if self.durable {
-            fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("syncing committed offsets"))?;
+            fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io("syncing committed offsets"))?;
         }
         fs::rename(&tmp, &path).map_err(io("installing committed offsets"))?;
         if self.durable {

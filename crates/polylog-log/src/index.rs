@@ -65,30 +65,55 @@ impl IndexBuilder {
     /// every record before it is older than `ts`.
     pub fn scan_start_for_time(&self, ts: i64) -> u32 {
         let i = self.times.partition_point(|&(t, _)| t < ts);
-        if i == 0 { 0 } else { self.times[i - 1].1 }
+        if i == 0 {
+            0
+        } else {
+            self.times[i - 1].1
+        }
     }
 
     /// Writes both index files for a sealed segment, each via temp file, fsync (when
     /// `durable`) and rename.
-    pub fn write_files(&self, log_path: &Path, summary: SegmentSummary, durable: bool) -> io::Result<()> {
+    pub fn write_files(
+        &self,
+        log_path: &Path,
+        summary: SegmentSummary,
+        durable: bool,
+    ) -> io::Result<()> {
         let mut entries = Vec::with_capacity(self.offsets.len() * 8);
         for &(o, p) in &self.offsets {
             entries.extend_from_slice(&o.to_le_bytes());
             entries.extend_from_slice(&p.to_le_bytes());
         }
-        write_index(&log_path.with_extension("index"), OFFSET_INDEX_MAGIC, summary, &entries, durable)?;
+        write_index(
+            &log_path.with_extension("index"),
+            OFFSET_INDEX_MAGIC,
+            summary,
+            &entries,
+            durable,
+        )?;
         entries.clear();
         for &(t, o) in &self.times {
             entries.extend_from_slice(&t.to_le_bytes());
             entries.extend_from_slice(&o.to_le_bytes());
         }
-        write_index(&log_path.with_extension("timeindex"), TIME_INDEX_MAGIC, summary, &entries, durable)
+        write_index(
+            &log_path.with_extension("timeindex"),
+            TIME_INDEX_MAGIC,
+            summary,
+            &entries,
+            durable,
+        )
     }
 }
 
 fn position_for(entries: &[(u32, u32)], rel_offset: u32) -> u32 {
     let i = entries.partition_point(|&(o, _)| o <= rel_offset);
-    if i == 0 { 0 } else { entries[i - 1].1 }
+    if i == 0 {
+        0
+    } else {
+        entries[i - 1].1
+    }
 }
 
 fn write_index(
@@ -156,13 +181,19 @@ fn read_entries(path: &Path, magic: [u8; 4], segment_len: u64) -> Option<Vec<u8>
     let h: &[u8; HEADER_BYTES] = all.get(..HEADER_BYTES)?.try_into().ok()?;
     let (s, len, crc) = parse_header(h, magic)?;
     let entries = &all[HEADER_BYTES..];
-    (s.segment_len == segment_len && entries.len() == len as usize && crc32c::crc32c(entries) == crc)
+    (s.segment_len == segment_len
+        && entries.len() == len as usize
+        && crc32c::crc32c(entries) == crc)
         .then(|| entries.to_vec())
 }
 
 /// Position of the last indexed batch at or before `rel_offset` in a sealed segment, or `None`
 /// if its index cannot be trusted (the caller scans from the segment start).
-pub(crate) fn sealed_position_for(log_path: &Path, segment_len: u64, rel_offset: u32) -> Option<u32> {
+pub(crate) fn sealed_position_for(
+    log_path: &Path,
+    segment_len: u64,
+    rel_offset: u32,
+) -> Option<u32> {
     let e = read_entries(&log_path.with_extension("index"), OFFSET_INDEX_MAGIC, segment_len)?;
     let entries: Vec<(u32, u32)> = e
         .chunks_exact(8)
@@ -175,7 +206,11 @@ pub(crate) fn sealed_position_for(log_path: &Path, segment_len: u64, rel_offset:
 }
 
 /// The time-index scan start (see [`IndexBuilder::scan_start_for_time`]) of a sealed segment.
-pub(crate) fn sealed_scan_start_for_time(log_path: &Path, segment_len: u64, ts: i64) -> Option<u32> {
+pub(crate) fn sealed_scan_start_for_time(
+    log_path: &Path,
+    segment_len: u64,
+    ts: i64,
+) -> Option<u32> {
     let e = read_entries(&log_path.with_extension("timeindex"), TIME_INDEX_MAGIC, segment_len)?;
     let times: Vec<(i64, u32)> = e
         .chunks_exact(12)

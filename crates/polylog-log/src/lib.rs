@@ -213,8 +213,13 @@ pub trait Log: Send + Sync {
     fn durable_offset(&self, topic: &str, partition: u32) -> Result<u64>;
     /// Blocks until every record below `offset` is durable; [`LogError::Timeout`] after
     /// `timeout`, or the write error that makes it impossible.
-    fn wait_durable(&self, topic: &str, partition: u32, offset: u64, timeout: Duration)
-        -> Result<()>;
+    fn wait_durable(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        timeout: Duration,
+    ) -> Result<()>;
     /// A reader of one partition starting at `start`.
     fn reader(&self, topic: &str, partition: u32, start: StartAt) -> Result<Box<dyn LogReader>>;
     /// Durably records a consumer group's next offsets to read.

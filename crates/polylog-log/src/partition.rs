@@ -153,7 +153,8 @@ impl Partition {
         let n = records.len() as u32;
         let mut buf = std::mem::take(&mut st.buf);
         buf.clear();
-        let items = records.iter().enumerate().map(|(i, r)| (i as u32, r.timestamp_ms.unwrap_or(now), r));
+        let items =
+            records.iter().enumerate().map(|(i, r)| (i as u32, r.timestamp_ms.unwrap_or(now), r));
         let encoded = format::encode_batch(&mut buf, base, n - 1, items);
         let result = self.write_batch(&mut st, &buf, base, encoded);
         st.buf = buf;
@@ -161,11 +162,18 @@ impl Partition {
         Ok(Appended { partition: self.id, base_offset: base, last_offset: base + u64::from(n) - 1 })
     }
 
-    fn write_batch(&self, st: &mut State, batch: &[u8], base: u64, e: format::Encoded) -> Result<()> {
+    fn write_batch(
+        &self,
+        st: &mut State,
+        batch: &[u8],
+        base: u64,
+        e: format::Encoded,
+    ) -> Result<()> {
         let len = batch.len() as u64;
         let a = &st.active.meta;
         let rel_end = e.next_offset - a.base;
-        if a.size > 0 && (a.size + len > self.config.segment_bytes || rel_end > u64::from(u32::MAX)) {
+        if a.size > 0 && (a.size + len > self.config.segment_bytes || rel_end > u64::from(u32::MAX))
+        {
             self.roll(st)?;
         }
         let pos = st.active.meta.size;
@@ -390,7 +398,9 @@ impl Partition {
         }
         let _exclusive = self.compaction.try_lock().ok()?;
         let opts = &self.opts;
-        let scan = segment::scan(&path, meta.base, 0, opts.batch_bytes_max, opts.index_interval_bytes).ok()?;
+        let scan =
+            segment::scan(&path, meta.base, 0, opts.batch_bytes_max, opts.index_interval_bytes)
+                .ok()?;
         if scan.meta.size != meta.size {
             return None; // the segment itself is damaged: readers will report it
         }
@@ -423,7 +433,8 @@ impl Partition {
         let path = log_path(&self.dir, base);
         let new_meta = match cleaned {
             Some((meta, tmp, idx)) => {
-                fs::rename(tmp, &path).map_err(LogError::io("installing a compacted segment", &path))?;
+                fs::rename(tmp, &path)
+                    .map_err(LogError::io("installing a compacted segment", &path))?;
                 let summary = SegmentSummary {
                     segment_len: meta.size,
                     next_offset: meta.next_offset,
@@ -439,7 +450,8 @@ impl Partition {
             }
         };
         if self.opts.fsync != FsyncPolicy::Never {
-            sync_dir(&self.dir).map_err(LogError::io("syncing the partition directory", &self.dir))?;
+            sync_dir(&self.dir)
+                .map_err(LogError::io("syncing the partition directory", &self.dir))?;
         }
         let mut st = lock(&self.state);
         if st.sealed.get(i).map(|s| s.base) == Some(base) {
@@ -468,7 +480,8 @@ impl Partition {
         let mut doomed = Vec::new();
         {
             let mut st = lock(&self.state);
-            let mut total: u64 = st.sealed.iter().map(|s| s.size).sum::<u64>() + st.active.meta.size;
+            let mut total: u64 =
+                st.sealed.iter().map(|s| s.size).sum::<u64>() + st.active.meta.size;
             while let Some(first) = st.sealed.first().copied() {
                 let too_old = self
                     .config
@@ -507,7 +520,8 @@ impl Partition {
         if !self.read_only {
             return Ok(());
         }
-        let bases = segment::list_segments(&self.dir).map_err(LogError::io("listing", &self.dir))?;
+        let bases =
+            segment::list_segments(&self.dir).map_err(LogError::io("listing", &self.dir))?;
         let mut st = lock(&self.state);
         let path = log_path(&self.dir, st.active.meta.base);
         let same_file = std::fs::metadata(&path).ok().filter(|m| m.ino() == st.active.ino);
@@ -586,7 +600,9 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
             return Err(LogError::Corrupt {
                 path,
                 position: 0,
-                reason: format!("segment overlaps the previous one, which ends at offset {min_offset}"),
+                reason: format!(
+                    "segment overlaps the previous one, which ends at offset {min_offset}"
+                ),
             });
         }
         if i < last {
@@ -603,8 +619,9 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
                 }
             }
         }
-        let scan = segment::scan(&path, base, min_offset, opts.batch_bytes_max, opts.index_interval_bytes)
-            .map_err(LogError::io("scanning", &path))?;
+        let scan =
+            segment::scan(&path, base, min_offset, opts.batch_bytes_max, opts.index_interval_bytes)
+                .map_err(LogError::io("scanning", &path))?;
         let torn = scan.meta.size < len;
         if read_only {
             if i < last {
@@ -642,7 +659,11 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
         }
         // The last segment, or a torn one: it becomes the active segment and everything after
         // it goes, so that the log stays a prefix of what was written.
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(LogError::io("opening", &path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(LogError::io("opening", &path))?;
         if torn {
             file.set_len(scan.meta.size).map_err(LogError::io("truncating", &path))?;
             file.sync_all().map_err(LogError::io("syncing", &path))?;

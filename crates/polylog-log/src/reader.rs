@@ -141,7 +141,9 @@ impl PartitionReader {
                     self.cur = None;
                     break;
                 }
-                Err(ReadStop::Io(e)) => return Err(LogError::io("reading", self.part.dir.clone())(e)),
+                Err(ReadStop::Io(e)) => {
+                    return Err(LogError::io("reading", self.part.dir.clone())(e))
+                }
                 Err(ReadStop::Torn { pos }) => {
                     let base = c.base;
                     return Err(self.corrupt(base, pos, "segment ends inside a batch".into()));
@@ -172,7 +174,8 @@ impl PartitionReader {
             Err(e) => return Err(LogError::io("opening", loc.path)(e)),
         };
         let file_len = file.metadata().map_err(LogError::io("reading", &loc.path))?.len();
-        let opened_active = self.part.segment_state(loc.meta.base).is_some_and(|(_, active)| active);
+        let opened_active =
+            self.part.segment_state(loc.meta.base).is_some_and(|(_, active)| active);
         let start = if loc.start_pos < file_len { loc.start_pos } else { 0 };
         self.cur = Some(Cursor {
             base: loc.meta.base,

@@ -49,9 +49,14 @@ pub(crate) fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
 #[derive(Debug)]
 pub(crate) enum ReadStop {
     /// The batch at `pos` is cut short (a torn write, or not yet complete).
-    Torn { pos: u64 },
+    Torn {
+        pos: u64,
+    },
     /// The batch at `pos` fails its checks.
-    Corrupt { pos: u64, reason: String },
+    Corrupt {
+        pos: u64,
+        reason: String,
+    },
     Io(std::io::Error),
 }
 
@@ -151,7 +156,14 @@ pub(crate) fn scan(
 ) -> std::io::Result<Scan> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
-    scan_from(file, file_len, Scan::empty(base), min_offset.max(base), batch_bytes_max, index_interval_bytes)
+    scan_from(
+        file,
+        file_len,
+        Scan::empty(base),
+        min_offset.max(base),
+        batch_bytes_max,
+        index_interval_bytes,
+    )
 }
 
 impl Scan {
@@ -201,7 +213,8 @@ pub(crate) fn scan_from(
             }
             Err(ReadStop::Io(e)) => return Err(e),
             Err(ReadStop::Torn { pos }) => {
-                scan.stop = Some((pos, format!("torn batch at the end ({} bytes)", file_len - pos)));
+                scan.stop =
+                    Some((pos, format!("torn batch at the end ({} bytes)", file_len - pos)));
                 break;
             }
             Err(ReadStop::Corrupt { pos, reason }) => {

@@ -17,7 +17,8 @@ use std::time::Duration;
 pub const DEFAULT_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// Overrides [`DEFAULT_PG_BIN`].
 pub const PG_BIN_ENV: &str = "POLYLOG_PG_BIN";
-const INSTALL_HINT: &str = "install them with `apt-get install -y postgresql` (Debian/Ubuntu), or set \
+const INSTALL_HINT: &str =
+    "install them with `apt-get install -y postgresql` (Debian/Ubuntu), or set \
      POLYLOG_PG_BIN to the directory that holds initdb, pg_ctl and psql";
 const START_ATTEMPTS: usize = 3;
 
@@ -43,7 +44,8 @@ fn err<T>(msg: impl Into<String>) -> Result<T> {
 pub fn find_pg_bin(dir: Option<&Path>) -> Result<PathBuf> {
     let dir = match dir {
         Some(d) => d.to_path_buf(),
-        None => std::env::var_os(PG_BIN_ENV).map_or_else(|| PathBuf::from(DEFAULT_PG_BIN), PathBuf::from),
+        None => std::env::var_os(PG_BIN_ENV)
+            .map_or_else(|| PathBuf::from(DEFAULT_PG_BIN), PathBuf::from),
     };
     let missing: Vec<&str> = ["initdb", "pg_ctl", "postgres", "psql"]
         .into_iter()
@@ -78,7 +80,8 @@ fn run(cmd: &mut Command, what: &str) -> Result<Output> {
 }
 
 fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| TestkitError(format!("no free port: {e}")))?;
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| TestkitError(format!("no free port: {e}")))?;
     l.local_addr().map(|a| a.port()).map_err(|e| TestkitError(e.to_string()))
 }
 
@@ -104,8 +107,10 @@ impl PgCluster {
         let n = N.fetch_add(1, Ordering::SeqCst);
         let root = std::env::temp_dir().join(format!("polylog-pg-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).map_err(|e| TestkitError(format!("creating {}: {e}", root.display())))?;
-        let mut c = PgCluster { root, bin, port: 0, as_postgres: running_as_root(), running: false };
+        std::fs::create_dir_all(&root)
+            .map_err(|e| TestkitError(format!("creating {}: {e}", root.display())))?;
+        let mut c =
+            PgCluster { root, bin, port: 0, as_postgres: running_as_root(), running: false };
         if c.as_postgres {
             run(Command::new("chown").arg("postgres:").arg(&c.root), "chown to the postgres user")?;
         }
@@ -175,7 +180,10 @@ impl PgCluster {
             return Ok(());
         }
         let server_log = std::fs::read_to_string(&log).unwrap_or_default();
-        err(format!("pg_ctl start failed: {}\nserver log:\n{server_log}", String::from_utf8_lossy(&out.stderr)))
+        err(format!(
+            "pg_ctl start failed: {}\nserver log:\n{server_log}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 
     /// A server binary run as the user that owns the cluster.
@@ -244,7 +252,10 @@ impl PgCluster {
     fn stop_with(&mut self, mode: &str) -> Result<()> {
         if self.running {
             run(
-                self.server_cmd("pg_ctl").arg("-D").arg(self.data_dir()).args(["-m", mode, "-w", "stop"]),
+                self.server_cmd("pg_ctl")
+                    .arg("-D")
+                    .arg(self.data_dir())
+                    .args(["-m", mode, "-w", "stop"]),
                 "pg_ctl stop",
             )?;
             self.running = false;

@@ -298,7 +298,10 @@ impl Config {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let msg = inner.message().to_string();
-            let at = inner.span().map(|s| line_col(text, s.start)).map(|(l, c)| format!(" (line {l}, column {c})"));
+            let at = inner
+                .span()
+                .map(|s| line_col(text, s.start))
+                .map(|(l, c)| format!(" (line {l}, column {c})"));
             if path == "." || path.is_empty() {
                 anyhow::anyhow!("{msg}{}", at.unwrap_or_default())
             } else {
@@ -312,8 +315,12 @@ impl Config {
     /// Loads `path`; a missing file is an error only if the user named it.
     pub fn load(path: &Path, explicit: bool) -> anyhow::Result<Config> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(&text).with_context(|| format!("invalid config {}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
+            Ok(text) => {
+                Config::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
             Err(e) => Err(e).with_context(|| format!("cannot read config {}", path.display())),
         }
     }
@@ -330,14 +337,15 @@ impl Config {
             bail!("`log.partitions`: must be at least 1");
         }
         let addr = |key: String, v: &str| -> anyhow::Result<()> {
-            v.parse::<std::net::SocketAddr>()
-                .map(|_| ())
-                .map_err(|_| anyhow::anyhow!("`{key}`: {v:?} is not a host:port address such as 127.0.0.1:7700"))
+            v.parse::<std::net::SocketAddr>().map(|_| ()).map_err(|_| {
+                anyhow::anyhow!("`{key}`: {v:?} is not a host:port address such as 127.0.0.1:7700")
+            })
         };
         addr("api.listen".into(), &self.api.listen)?;
         if let Some(c) = &self.collector {
             addr("collector.listen".into(), &c.listen)?;
-            polylog_log::validate_topic_name(&c.topic).with_context(|| "`collector.topic`".to_string())?;
+            polylog_log::validate_topic_name(&c.topic)
+                .with_context(|| "`collector.topic`".to_string())?;
         }
         for (name, s) in &self.sources {
             let SourceConfig::Postgres(pg) = s;
@@ -354,7 +362,8 @@ impl Config {
             }
         }
         for (name, v) in &self.views {
-            polylog_log::validate_topic_name(&v.root).with_context(|| format!("`views.{name}.root`"))?;
+            polylog_log::validate_topic_name(&v.root)
+                .with_context(|| format!("`views.{name}.root`"))?;
             check_joins(&format!("views.{name}.joins"), &v.joins)?;
         }
         for (name, s) in &self.sinks {
@@ -441,16 +450,31 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         check_error("data_dri = \"x\"", &["unknown field `data_dri`", "line 1"]);
-        check_error("[log]\nfsync = \"sometimes\"", &["`log.fsync`", "unknown variant `sometimes`", "line 2"]);
-        check_error("[log]\nfsyncc = \"always\"", &["`log.fsyncc`", "unknown field `fsyncc`", "expected one of"]);
+        check_error(
+            "[log]\nfsync = \"sometimes\"",
+            &["`log.fsync`", "unknown variant `sometimes`", "line 2"],
+        );
+        check_error(
+            "[log]\nfsyncc = \"always\"",
+            &["`log.fsyncc`", "unknown field `fsyncc`", "expected one of"],
+        );
         check_error("[log]\nsegment_bytes = \"big\"", &["`log.segment_bytes`", "invalid type"]);
         check_error("[log]\nsegment_bytes = 1", &["`log.segment_bytes`", "between"]);
         check_error("[log]\nbackend = \"kafka\"", &["`log.brokers`"]);
         check_error("[api]\nlisten = \"nowhere\"", &["`api.listen`"]);
-        check_error("[sources.app]\nkind = \"mysql\"\nurl = \"x\"", &["`sources.app", "unknown variant `mysql`"]);
-        check_error("[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x\"\ntabels = []", &["`sources.app", "unknown field `tabels`"]);
+        check_error(
+            "[sources.app]\nkind = \"mysql\"\nurl = \"x\"",
+            &["`sources.app", "unknown variant `mysql`"],
+        );
+        check_error(
+            "[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x\"\ntabels = []",
+            &["`sources.app", "unknown field `tabels`"],
+        );
         check_error("[sources.app]\nkind = \"postgres\"", &["`sources.app", "missing field `url`"]);
-        check_error("[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x\"\ntables = [\"videos\"]", &["schema.table"]);
+        check_error(
+            "[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x\"\ntables = [\"videos\"]",
+            &["schema.table"],
+        );
         check_error("[views.v]\nroot = \"bad topic\"", &["`views.v.root`"]);
         check_error(
             "[views.v]\nroot = \"a\"\njoins = [{ name = \"p\", topic = \"b\", on = {}, kind = \"one\" }]",
@@ -460,7 +484,10 @@ mod tests {
             "[views.v]\nroot = \"a\"\njoins = [{ name = \"p\", topic = \"b\", on = { x = \"y\" }, kind = \"some\" }]",
             &["unknown variant `some`"],
         );
-        check_error("[sinks.s]\nkind = \"search\"\ntopic = \"views.v\"\nextra = 1", &["`sinks.s", "unknown field `extra`"]);
+        check_error(
+            "[sinks.s]\nkind = \"search\"\ntopic = \"views.v\"\nextra = 1",
+            &["`sinks.s", "unknown field `extra`"],
+        );
         check_error("[collector]\nlisten = \"127.0.0.1:1\"", &["missing field `topic`"]);
     }
 }

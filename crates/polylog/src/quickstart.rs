@@ -43,8 +43,22 @@ impl Gen {
 }
 
 const WORDS: [&str; 16] = [
-    "cats", "rust", "cooking", "travel", "chess", "guitar", "robots", "space", "coffee", "garden",
-    "running", "jazz", "origami", "sailing", "pottery", "volcanoes",
+    "cats",
+    "rust",
+    "cooking",
+    "travel",
+    "chess",
+    "guitar",
+    "robots",
+    "space",
+    "coffee",
+    "garden",
+    "running",
+    "jazz",
+    "origami",
+    "sailing",
+    "pottery",
+    "volcanoes",
 ];
 
 fn video_row(g: &mut Gen, id: u64, version: u64) -> serde_json::Value {
@@ -70,7 +84,9 @@ pub fn run(args: &QuickstartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<(
     let config = TopicConfig { segment_bytes: 4 << 20, ..TopicConfig::new(PARTITIONS).compacted() };
     match log.create_topic(TOPIC, &config) {
         Ok(()) => println!("2. Created the compacted topic {TOPIC} with {PARTITIONS} partitions."),
-        Err(LogError::TopicExists(_)) => println!("2. The topic {TOPIC} exists from an earlier run; adding to it."),
+        Err(LogError::TopicExists(_)) => {
+            println!("2. The topic {TOPIC} exists from an earlier run; adding to it.")
+        }
         Err(e) => return Err(e.into()),
     }
 
@@ -171,7 +187,11 @@ pub fn run(args: &QuickstartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<(
     println!("5. The newest records of partition 0, as `polylog topics tail` prints them:");
     let d = log.describe_topic(TOPIC)?;
     let end = d.partitions[0].durable_offset;
-    let mut reader = log.reader(TOPIC, 0, StartAt::Offset(end.saturating_sub(2).max(d.partitions[0].start_offset)))?;
+    let mut reader = log.reader(
+        TOPIC,
+        0,
+        StartAt::Offset(end.saturating_sub(2).max(d.partitions[0].start_offset)),
+    )?;
     for r in reader.poll(2, Duration::ZERO)? {
         println!("   {}", record_json(TOPIC, &r));
     }

@@ -102,7 +102,8 @@ fn list(config: &Config) -> anyhow::Result<()> {
         writeln!(out, "no topics in {}", config.data_dir.display())?;
         return Ok(());
     }
-    let mut rows = vec![["TOPIC", "PARTITIONS", "CLEANUP", "OFFSETS", "SIZE"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["TOPIC", "PARTITIONS", "CLEANUP", "OFFSETS", "SIZE"].map(String::from).to_vec()];
     for t in topics {
         let d = log.describe_topic(&t)?;
         let records: u64 = d.partitions.iter().map(|p| p.end_offset - p.start_offset).sum();
@@ -120,7 +121,11 @@ fn list(config: &Config) -> anyhow::Result<()> {
 }
 
 fn cleanup(c: &TopicConfig) -> String {
-    if c.compacted { "compact".into() } else { "delete".into() }
+    if c.compacted {
+        "compact".into()
+    } else {
+        "delete".into()
+    }
 }
 
 fn describe(config: &Config, topic: &str, json: bool) -> anyhow::Result<()> {
@@ -139,13 +144,23 @@ fn describe(config: &Config, topic: &str, json: bool) -> anyhow::Result<()> {
     if c.compacted {
         writeln!(out, "  tombstones kept {}", human_ms(c.tombstone_retention_ms))?;
     }
-    writeln!(out, "  retention       {}", match (c.retention_ms, c.retention_bytes) {
-        (None, None) => "none (kept forever)".to_string(),
-        (ms, bytes) => [ms.map(human_ms), bytes.map(human_bytes)].into_iter().flatten().collect::<Vec<_>>().join(", "),
-    })?;
+    writeln!(
+        out,
+        "  retention       {}",
+        match (c.retention_ms, c.retention_bytes) {
+            (None, None) => "none (kept forever)".to_string(),
+            (ms, bytes) => [ms.map(human_ms), bytes.map(human_bytes)]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    )?;
     writeln!(out, "  segment size    {}", human_bytes(c.segment_bytes))?;
     writeln!(out)?;
-    let mut rows = vec![["PARTITION", "START", "END", "DURABLE", "SEGMENTS", "SIZE"].map(String::from).to_vec()];
+    let mut rows = vec![["PARTITION", "START", "END", "DURABLE", "SEGMENTS", "SIZE"]
+        .map(String::from)
+        .to_vec()];
     for p in &d.partitions {
         rows.push(vec![
             p.partition.to_string(),
@@ -178,8 +193,9 @@ pub fn record_json(topic: &str, r: &StoredRecord) -> serde_json::Value {
     fn field(b: Option<&[u8]>) -> serde_json::Value {
         match b {
             None => serde_json::Value::Null,
-            Some(b) => serde_json::from_slice(b)
-                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(b).into_owned())),
+            Some(b) => serde_json::from_slice(b).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+            }),
         }
     }
     serde_json::json!({
@@ -197,7 +213,11 @@ fn tail(config: &Config, a: &TailArgs) -> anyhow::Result<()> {
     let d = log.describe_topic(&a.topic)?;
     let partitions: Vec<u32> = match a.partition {
         Some(p) if p >= d.config.partitions => {
-            bail!("topic {} has {} partition(s); there is no partition {p}", a.topic, d.config.partitions)
+            bail!(
+                "topic {} has {} partition(s); there is no partition {p}",
+                a.topic,
+                d.config.partitions
+            )
         }
         Some(p) => vec![p],
         None => (0..d.config.partitions).collect(),
@@ -212,7 +232,8 @@ fn tail(config: &Config, a: &TailArgs) -> anyhow::Result<()> {
         };
         readers.push(log.reader(&a.topic, p, start)?);
     }
-    let ends: Vec<u64> = partitions.iter().map(|&p| d.partitions[p as usize].durable_offset).collect();
+    let ends: Vec<u64> =
+        partitions.iter().map(|&p| d.partitions[p as usize].durable_offset).collect();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     loop {
         let mut any = false;
@@ -247,7 +268,10 @@ fn produce(config: &Config, a: &ProduceArgs) -> anyhow::Result<()> {
     let partitions = match log.describe_topic(&a.topic) {
         Ok(d) => d.config.partitions,
         Err(polylog_log::LogError::UnknownTopic(_)) if a.create => {
-            let c = TopicConfig { segment_bytes: config.log.segment_bytes, ..TopicConfig::new(config.log.partitions) };
+            let c = TopicConfig {
+                segment_bytes: config.log.segment_bytes,
+                ..TopicConfig::new(config.log.partitions)
+            };
             log.create_topic(&a.topic, &c)?;
             eprintln!("created topic {} with {} partition(s)", a.topic, c.partitions);
             c.partitions
@@ -304,9 +328,9 @@ fn produce(config: &Config, a: &ProduceArgs) -> anyhow::Result<()> {
                 if batch.is_empty() {
                     continue;
                 }
-                let a2 = log
-                    .append(&a.topic, p as u32, batch)
-                    .with_context(|| format!("writing the batch that ends at input line {line_no}"))?;
+                let a2 = log.append(&a.topic, p as u32, batch).with_context(|| {
+                    format!("writing the batch that ends at input line {line_no}")
+                })?;
                 ends[p] = a2.last_offset + 1;
                 total += batch.len() as u64;
                 batch.clear();
@@ -329,7 +353,8 @@ fn produce(config: &Config, a: &ProduceArgs) -> anyhow::Result<()> {
 
 pub fn print_table(out: &mut impl Write, rows: &[Vec<String>]) -> std::io::Result<()> {
     let cols = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     for r in rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
         writeln!(out, "{}", line.join("  ").trim_end())?;
@@ -345,7 +370,11 @@ pub fn human_bytes(b: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn human_ms(ms: u64) -> String {

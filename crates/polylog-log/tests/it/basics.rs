@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use polylog_log::{
-    partition_for_key, EmbeddedLog, Faults, FsyncPolicy, Log, LogError, LogOptions, Record, StartAt,
-    TopicConfig,
+    partition_for_key, EmbeddedLog, Faults, FsyncPolicy, Log, LogError, LogOptions, Record,
+    StartAt, TopicConfig,
 };
 
 use crate::support::{open, opts, read_all, rec, Rng, TempDir};
@@ -92,7 +92,10 @@ fn segments_roll_and_every_offset_and_time_can_be_sought() {
 #[test]
 fn a_follower_is_woken_by_an_append() {
     let dir = TempDir::new("follow");
-    let log = Arc::new(EmbeddedLog::open(dir.path(), LogOptions { fsync: FsyncPolicy::Always, ..opts() }).expect("open"));
+    let log = Arc::new(
+        EmbeddedLog::open(dir.path(), LogOptions { fsync: FsyncPolicy::Always, ..opts() })
+            .expect("open"),
+    );
     log.create_topic("t", &TopicConfig::new(1)).expect("create");
     let mut reader = log.reader("t", 0, StartAt::End).expect("reader");
     let writer = Arc::clone(&log);
@@ -125,8 +128,10 @@ fn interval_fsync_makes_records_durable_in_the_background() {
 fn retention_deletes_old_segments_by_size_and_time() {
     let dir = TempDir::new("retention");
     let log = open(dir.path());
-    let by_size = TopicConfig { segment_bytes: 4096, retention_bytes: Some(20_000), ..TopicConfig::new(1) };
-    let by_time = TopicConfig { segment_bytes: 4096, retention_ms: Some(60_000), ..TopicConfig::new(1) };
+    let by_size =
+        TopicConfig { segment_bytes: 4096, retention_bytes: Some(20_000), ..TopicConfig::new(1) };
+    let by_time =
+        TopicConfig { segment_bytes: 4096, retention_ms: Some(60_000), ..TopicConfig::new(1) };
     log.create_topic("size", &by_size).expect("create");
     log.create_topic("time", &by_time).expect("create");
     let old = polylog_log::now_ms() - 3_600_000;
@@ -165,7 +170,10 @@ fn consumer_group_offsets_are_committed_durably() {
             log.commit_offsets("sink-a", &[("t".into(), 2, 1)]),
             Err(LogError::UnknownPartition { .. })
         ));
-        assert!(matches!(log.commit_offsets("bad/name", &[]), Err(LogError::InvalidGroupName { .. })));
+        assert!(matches!(
+            log.commit_offsets("bad/name", &[]),
+            Err(LogError::InvalidGroupName { .. })
+        ));
     }
     let log = open(dir.path());
     let c = log.committed_offsets("sink-a", "t").expect("committed");
@@ -236,7 +244,8 @@ fn a_directory_that_is_not_polylogs_is_refused() {
     let missing = dir.path().join("missing");
     let err = EmbeddedLog::open_read_only(&missing, opts()).expect_err("missing dir");
     assert!(matches!(err, LogError::NoDataDir { .. }), "{err}");
-    std::fs::write(dir.path().join("polylog.json"), "{\"format\":\"polylog-data\",\"version\":9}").expect("write");
+    std::fs::write(dir.path().join("polylog.json"), "{\"format\":\"polylog-data\",\"version\":9}")
+        .expect("write");
     let err = EmbeddedLog::open(dir.path(), opts()).expect_err("future version");
     assert!(err.to_string().contains("version"), "{err}");
 }
@@ -253,7 +262,9 @@ fn a_failed_fsync_poisons_the_partition_and_loses_nothing_acknowledged() {
         log.wait_durable("t", 0, a.last_offset + 1, Duration::from_secs(10)).expect("durable");
         faults.fail_fsync(true);
         let b = log.append("t", 0, &[rec("b", "2")]).expect("append before the failure is seen");
-        let err = log.wait_durable("t", 0, b.last_offset + 1, Duration::from_secs(10)).expect_err("fsync failed");
+        let err = log
+            .wait_durable("t", 0, b.last_offset + 1, Duration::from_secs(10))
+            .expect_err("fsync failed");
         assert!(matches!(err, LogError::Poisoned { .. }), "{err}");
         assert!(err.to_string().contains("injected fsync failure"), "{err}");
         faults.fail_fsync(false);
@@ -288,12 +299,14 @@ fn a_full_disk_stops_writes_with_a_clear_error_and_loses_nothing_acknowledged() 
     let mut acked = 0u64;
     let err = {
         let log = EmbeddedLog::open(&data, o.clone()).expect("open");
-        log.create_topic("t", &TopicConfig { segment_bytes: 64 * 1024, ..TopicConfig::new(1) }).expect("create");
+        log.create_topic("t", &TopicConfig { segment_bytes: 64 * 1024, ..TopicConfig::new(1) })
+            .expect("create");
         loop {
-            let batch: Vec<Record> = (0..10).map(|i| rec(&format!("k{acked}-{i}"), &"v".repeat(1000))).collect();
-            let r = log
-                .append("t", 0, &batch)
-                .and_then(|a| log.wait_durable("t", 0, a.last_offset + 1, Duration::from_secs(10)).map(|()| a));
+            let batch: Vec<Record> =
+                (0..10).map(|i| rec(&format!("k{acked}-{i}"), &"v".repeat(1000))).collect();
+            let r = log.append("t", 0, &batch).and_then(|a| {
+                log.wait_durable("t", 0, a.last_offset + 1, Duration::from_secs(10)).map(|()| a)
+            });
             match r {
                 Ok(a) => acked = a.last_offset + 1,
                 Err(e) => break e,

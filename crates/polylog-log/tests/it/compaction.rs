@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use polylog_log::{now_ms, EmbeddedLog, Log, LogOptions, Record, StartAt, StoredRecord, TopicConfig};
+use polylog_log::{
+    now_ms, EmbeddedLog, Log, LogOptions, Record, StartAt, StoredRecord, TopicConfig,
+};
 
 use crate::support::{opts, read_all, Rng, TempDir};
 
@@ -23,7 +25,13 @@ fn active_base(root: &std::path::Path) -> u64 {
 
 /// Checks the compacted partition against every record ever written (`history`, by offset).
 /// `fully_compacted`: compaction has run to completion since the last append.
-fn check(log: &EmbeddedLog, root: &std::path::Path, history: &[Record], fully_compacted: bool, ctx: &str) {
+fn check(
+    log: &EmbeddedLog,
+    root: &std::path::Path,
+    history: &[Record],
+    fully_compacted: bool,
+    ctx: &str,
+) {
     let got = read_all(log, "c", 0, StartAt::Beginning);
     let now = now_ms();
     // Every record read is exactly the one written at its offset, in order.
@@ -32,7 +40,12 @@ fn check(log: &EmbeddedLog, root: &std::path::Path, history: &[Record], fully_co
         assert!(last < Some(r.offset), "{ctx}: offsets not increasing at {}", r.offset);
         last = Some(r.offset);
         let w = &history[r.offset as usize];
-        assert_eq!((&r.key, &r.value, r.timestamp_ms), (&w.key, &w.value, w.timestamp_ms.unwrap_or(-1)), "{ctx}: record {} changed", r.offset);
+        assert_eq!(
+            (&r.key, &r.value, r.timestamp_ms),
+            (&w.key, &w.value, w.timestamp_ms.unwrap_or(-1)),
+            "{ctx}: record {} changed",
+            r.offset
+        );
     }
     // The model: the latest record per key.
     let mut latest: BTreeMap<&[u8], usize> = BTreeMap::new();
@@ -40,14 +53,21 @@ fn check(log: &EmbeddedLog, root: &std::path::Path, history: &[Record], fully_co
         latest.insert(w.key.as_deref().unwrap_or_default(), o);
     }
     let present: HashSet<u64> = got.iter().map(|r| r.offset).collect();
-    let expired = |w: &Record| w.value.is_none() && w.timestamp_ms.unwrap_or(0) < now - GRACE_MS as i64;
+    let expired =
+        |w: &Record| w.value.is_none() && w.timestamp_ms.unwrap_or(0) < now - GRACE_MS as i64;
     for (&key, &o) in &latest {
         let w = &history[o];
         if !expired(w) {
-            assert!(present.contains(&(o as u64)), "{ctx}: latest record of key {key:?} at offset {o} is gone");
+            assert!(
+                present.contains(&(o as u64)),
+                "{ctx}: latest record of key {key:?} at offset {o} is gone"
+            );
         }
     }
-    assert_eq!(log.describe_topic("c").expect("describe").partitions[0].end_offset, history.len() as u64);
+    assert_eq!(
+        log.describe_topic("c").expect("describe").partitions[0].end_offset,
+        history.len() as u64
+    );
     if fully_compacted {
         // Below the active segment, nothing superseded and no expired tombstone remains.
         let active = active_base(root);
@@ -57,8 +77,16 @@ fn check(log: &EmbeddedLog, root: &std::path::Path, history: &[Record], fully_co
         }
         for r in got.iter().filter(|r| r.offset < active) {
             let key = r.key.as_deref().unwrap_or_default();
-            assert_eq!(latest_sealed[key], r.offset, "{ctx}: superseded record {} of {key:?} kept", r.offset);
-            assert!(!expired(&history[r.offset as usize]), "{ctx}: expired tombstone {} kept", r.offset);
+            assert_eq!(
+                latest_sealed[key], r.offset,
+                "{ctx}: superseded record {} of {key:?} kept",
+                r.offset
+            );
+            assert!(
+                !expired(&history[r.offset as usize]),
+                "{ctx}: expired tombstone {} kept",
+                r.offset
+            );
         }
     }
 }
@@ -71,7 +99,11 @@ fn compaction_keeps_the_latest_record_per_key() {
         // Small key maps force several passes; large ones finish in one.
         let keys_max = [4usize, 1_000_000, 64, 1_000_000, 16, 1_000_000][round];
         let o = LogOptions { compaction_keys_max: keys_max, ..opts() };
-        let cfg = TopicConfig { segment_bytes: 4096, tombstone_retention_ms: GRACE_MS, ..TopicConfig::new(1).compacted() };
+        let cfg = TopicConfig {
+            segment_bytes: 4096,
+            tombstone_retention_ms: GRACE_MS,
+            ..TopicConfig::new(1).compacted()
+        };
         let mut log = EmbeddedLog::open(root.path(), o.clone()).expect("open");
         log.create_topic("c", &cfg).expect("create");
         let mut history: Vec<Record> = Vec::new();
@@ -89,7 +121,11 @@ fn compaction_keeps_the_latest_record_per_key() {
                                 key: Some(key),
                                 value: (!tombstone).then(|| rng.bytes_below(120)),
                                 headers: Vec::new(),
-                                timestamp_ms: Some(if old { now_ms() - 3_600_000 } else { now_ms() }),
+                                timestamp_ms: Some(if old {
+                                    now_ms() - 3_600_000
+                                } else {
+                                    now_ms()
+                                }),
                             }
                         })
                         .collect();
@@ -127,7 +163,9 @@ fn compaction_runs_beside_writers_and_readers() {
             let mut r = log.reader("c", 0, StartAt::Beginning).expect("reader");
             let mut seen: Vec<StoredRecord> = Vec::new();
             while r.position() < N && !done.load(Ordering::SeqCst) {
-                seen.extend(r.poll(500, Duration::from_millis(100)).expect("poll during compaction"));
+                seen.extend(
+                    r.poll(500, Duration::from_millis(100)).expect("poll during compaction"),
+                );
             }
             seen
         })

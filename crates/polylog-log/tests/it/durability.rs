@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use polylog_log::{EmbeddedLog, FsyncPolicy, Log, LogError, LogOptions, Record, StartAt, TopicConfig};
+use polylog_log::{
+    EmbeddedLog, FsyncPolicy, Log, LogError, LogOptions, Record, StartAt, TopicConfig,
+};
 
 use crate::support::{opts, read_all, Rng, TempDir};
 
@@ -34,7 +36,8 @@ fn child_process_for_kill_test() {
     let mut out = std::io::stdout().lock();
     loop {
         let n = 1 + rng.below(64);
-        let batch: Vec<Record> = (next..next + n).map(|o| Record::new(o.to_string(), value_for(o))).collect();
+        let batch: Vec<Record> =
+            (next..next + n).map(|o| Record::new(o.to_string(), value_for(o))).collect();
         let a = log.append("d", 0, &batch).expect("child: append");
         assert_eq!(a.base_offset, next, "child: offsets are dense");
         next += n;
@@ -51,7 +54,12 @@ fn every_record_reported_durable_survives_kill_9() {
     let mut acked_total = 0;
     for kill in 0..KILLS {
         let mut child = Command::new(&exe)
-            .args(["durability::child_process_for_kill_test", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "durability::child_process_for_kill_test",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, root.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -83,10 +91,18 @@ fn every_record_reported_durable_survives_kill_9() {
 
         let log = EmbeddedLog::open(root.path(), opts()).expect("reopen after kill");
         let got = read_all(&log, "d", 0, StartAt::Beginning);
-        assert!(got.len() as u64 >= acked, "kill {kill}: {} records back, {acked} were acknowledged", got.len());
+        assert!(
+            got.len() as u64 >= acked,
+            "kill {kill}: {} records back, {acked} were acknowledged",
+            got.len()
+        );
         for (i, r) in got.iter().enumerate() {
             assert_eq!(r.offset, i as u64, "kill {kill}: offsets are dense and in order");
-            assert_eq!(r.value.as_deref(), Some(&value_for(i as u64)[..]), "kill {kill}: record {i}");
+            assert_eq!(
+                r.value.as_deref(),
+                Some(&value_for(i as u64)[..]),
+                "kill {kill}: record {i}"
+            );
         }
         acked_total = got.len() as u64;
     }

@@ -33,16 +33,21 @@ fn part_dir(root: &Path) -> PathBuf {
 fn build_template(rng: &mut Rng, root: &Path) -> Template {
     {
         let log = open(root);
-        log.create_topic("t", &TopicConfig { segment_bytes: 16 * 1024, ..TopicConfig::new(1) }).expect("create");
+        log.create_topic("t", &TopicConfig { segment_bytes: 16 * 1024, ..TopicConfig::new(1) })
+            .expect("create");
         let mut ts = 1_700_000_000_000i64;
-        while log.describe_topic("t").expect("describe").partitions[0].segments < 3 || rng.chance(97) {
+        while log.describe_topic("t").expect("describe").partitions[0].segments < 3
+            || rng.chance(97)
+        {
             let batch: Vec<Record> = (0..1 + rng.below(6))
                 .map(|_| {
                     ts += rng.below(1000) as i64 - 100;
                     Record {
                         key: rng.chance(90).then(|| rng.bytes_below(21)),
                         value: rng.chance(90).then(|| rng.bytes_below(300)),
-                        headers: (0..rng.below(3)).map(|i| (format!("h{i}"), rng.bytes_below(8))).collect(),
+                        headers: (0..rng.below(3))
+                            .map(|i| (format!("h{i}"), rng.bytes_below(8)))
+                            .collect(),
                         timestamp_ms: Some(ts),
                     }
                 })
@@ -62,8 +67,11 @@ fn build_template(rng: &mut Rng, root: &Path) -> Template {
     }
     let active = files.keys().filter(|n| n.ends_with(".log")).max().expect("segments").clone();
     let active_base: u64 = active.trim_end_matches(".log").parse().expect("base");
-    let sealed_indexes =
-        files.keys().filter(|n| n.ends_with("index") && !n.starts_with(&active[..20])).cloned().collect();
+    let sealed_indexes = files
+        .keys()
+        .filter(|n| n.ends_with("index") && !n.starts_with(&active[..20]))
+        .cloned()
+        .collect();
     // Walk the pristine active segment by the documented batch layout.
     let bytes = &files[&active];
     let mut active_batches = Vec::new();
@@ -140,7 +148,14 @@ fn recovery_keeps_exactly_the_longest_valid_prefix() {
             restore(&t, &dir);
             let cut = rng.below(active_len as u64 + 1) as usize;
             std::fs::write(dir.join(&t.active), &t.files[&t.active][..cut]).expect("truncate");
-            check(&t, root.path(), end_at_byte(cut), &format!("t{template} truncate at {cut}"), deep, &mut rng);
+            check(
+                &t,
+                root.path(),
+                end_at_byte(cut),
+                &format!("t{template} truncate at {cut}"),
+                deep,
+                &mut rng,
+            );
 
             // 2. Garbage after the end: random bytes, or a copy of a real batch's start.
             restore(&t, &dir);
@@ -162,7 +177,14 @@ fn recovery_keeps_exactly_the_longest_valid_prefix() {
                 let bit = rng.below(bytes.len() as u64 * 8) as usize;
                 bytes[bit / 8] ^= 1 << (bit % 8);
                 std::fs::write(dir.join(&t.active), &bytes).expect("flip");
-                check(&t, root.path(), end_at_byte(bit / 8), &format!("t{template} flip bit {bit}"), deep, &mut rng);
+                check(
+                    &t,
+                    root.path(),
+                    end_at_byte(bit / 8),
+                    &format!("t{template} flip bit {bit}"),
+                    deep,
+                    &mut rng,
+                );
             }
 
             // 4. A single bit flip in a sealed segment's offset or time index: nothing is
@@ -177,7 +199,12 @@ fn recovery_keeps_exactly_the_longest_valid_prefix() {
             check(&t, root.path(), all_end, &case, true, &mut rng);
             // Look up every sealed segment by offset and by time, so each index is consulted.
             let log = open(root.path());
-            let bases: Vec<u64> = t.files.keys().filter(|n| n.ends_with(".log")).map(|n| n[..20].parse().expect("base")).collect();
+            let bases: Vec<u64> = t
+                .files
+                .keys()
+                .filter(|n| n.ends_with(".log"))
+                .map(|n| n[..20].parse().expect("base"))
+                .collect();
             for w in bases.windows(2) {
                 let in_segment = t.records.iter().filter(|r| r.offset >= w[0] && r.offset < w[1]);
                 let Some(max_ts) = in_segment.map(|r| r.timestamp_ms).max() else { continue };

@@ -36,9 +36,14 @@ impl Rng {
     /// Seeded from `POLYLOG_TEST_SEED` when set, else from the clock; the seed is printed so a
     /// failure can be replayed.
     pub fn from_env(test: &str) -> Rng {
-        let seed = std::env::var("POLYLOG_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-        });
+        let seed = std::env::var("POLYLOG_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
         eprintln!("{test}: POLYLOG_TEST_SEED={seed}");
         Rng(seed)
     }

@@ -7,10 +7,14 @@ fn a_cluster_supports_logical_replication_slots() {
     let pg = PgCluster::start().expect("start a throwaway cluster");
     assert_eq!(pg.psql("postgres", "SHOW wal_level").expect("psql"), "logical");
     pg.create_database("app").expect("create database");
-    pg.psql("app", "CREATE TABLE videos (id bigint PRIMARY KEY, title text)").expect("create table");
+    pg.psql("app", "CREATE TABLE videos (id bigint PRIMARY KEY, title text)")
+        .expect("create table");
     pg.psql("app", "CREATE PUBLICATION polylog_app FOR ALL TABLES").expect("publication");
     let created = pg
-        .psql("app", "SELECT slot_name FROM pg_create_logical_replication_slot('polylog_app', 'pgoutput')")
+        .psql(
+            "app",
+            "SELECT slot_name FROM pg_create_logical_replication_slot('polylog_app', 'pgoutput')",
+        )
         .expect("create slot");
     assert_eq!(created, "polylog_app");
     let slots = pg
@@ -47,7 +51,8 @@ fn a_cluster_is_stopped_and_removed_on_drop_and_survives_a_crash() {
 
 #[test]
 fn missing_binaries_fail_with_the_install_command() {
-    let e = find_pg_bin(Some(std::path::Path::new("/nonexistent/pg/bin"))).expect_err("no binaries there");
+    let e = find_pg_bin(Some(std::path::Path::new("/nonexistent/pg/bin")))
+        .expect_err("no binaries there");
     assert!(e.0.contains("apt-get install -y postgresql"), "{e}");
     assert!(e.0.contains("initdb"), "{e}");
 }

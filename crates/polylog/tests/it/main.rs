@@ -43,7 +43,11 @@ fn run(dir: &Path, args: &[&str], stdin: &str) -> Output {
 
 fn ok(dir: &Path, args: &[&str], stdin: &str) -> String {
     let out = run(dir, args, stdin);
-    assert!(out.status.success(), "polylog {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "polylog {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -81,13 +85,18 @@ fn produce_then_tail_prints_the_documented_json_lines() {
     assert_eq!(id1[0]["partition"], id1[1]["partition"]);
     assert_eq!(id1[1]["value"]["title"], "b");
     // Without --from-beginning: the last -n records per partition.
-    let last = lines(&ok(&d.0, &["topics", "tail", "videos", "-n", "1", "--partition", &id1[1]["partition"].to_string()], ""));
+    let last = lines(&ok(
+        &d.0,
+        &["topics", "tail", "videos", "-n", "1", "--partition", &id1[1]["partition"].to_string()],
+        "",
+    ));
     assert_eq!(last.len(), 1);
     assert_eq!(last[0]["value"]["title"], "b");
     let listed = ok(&d.0, &["topics", "list"], "");
     assert!(listed.contains("videos") && listed.contains("PARTITIONS"), "{listed}");
     let described: serde_json::Value =
-        serde_json::from_str(&ok(&d.0, &["topics", "describe", "videos", "--json"], "")).expect("json");
+        serde_json::from_str(&ok(&d.0, &["topics", "describe", "videos", "--json"], ""))
+            .expect("json");
     assert_eq!(described["partitions"].as_array().expect("partitions").len(), 2);
 }
 
@@ -120,7 +129,8 @@ fn tail_follow_sees_records_another_process_produces() {
     }
     let _ = tail.kill();
     let _ = tail.wait();
-    let values: Vec<String> = lines(&got.join("\n")).iter().map(|v| v["value"].to_string()).collect();
+    let values: Vec<String> =
+        lines(&got.join("\n")).iter().map(|v| v["value"].to_string()).collect();
     assert_eq!(values, ["\"first\"", "\"second\""]);
 }
 
@@ -130,10 +140,15 @@ fn config_errors_name_the_key() {
     std::fs::write(d.0.join("polylog.toml"), "[log]\nfsync = \"sometimes\"\n").expect("write");
     let e = fails(&d.0, &["topics", "list"], "");
     assert!(e.contains("`log.fsync`") && e.contains("sometimes") && e.contains("line 2"), "{e}");
-    std::fs::write(d.0.join("other.toml"), "[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x/y\"\ntabels = []\n")
-        .expect("write");
+    std::fs::write(
+        d.0.join("other.toml"),
+        "[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x/y\"\ntabels = []\n",
+    )
+    .expect("write");
     // -c works before and after the subcommand.
-    for args in [&["-c", "other.toml", "config", "check"][..], &["config", "check", "-c", "other.toml"]] {
+    for args in
+        [&["-c", "other.toml", "config", "check"][..], &["config", "check", "-c", "other.toml"]]
+    {
         let e = fails(&d.0, args, "");
         assert!(e.contains("`sources.app`") && e.contains("unknown field `tabels`"), "{e}");
     }
