@@ -172,7 +172,7 @@ fn compact_pass(p: &Partition, now_ms: i64) -> Result<Option<CompactionStats>> {
     if durable {
         sync_dir(&p.dir).map_err(LogError::io("syncing the partition directory", &p.dir))?;
     }
-    p.set_first_dirty(map_end);
+    p.set_first_dirty(map_end)?;
     Ok(Some(stats))
 }
 

@@ -6,6 +6,7 @@
 //! continue while earlier batches are being made durable (group commit).
 
 use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -61,6 +62,9 @@ pub(crate) struct Location {
     pub start_pos: u64,
 }
 
+/// File holding the offset below which compaction has cleaned the partition.
+const CLEANER_CHECKPOINT: &str = "cleaner-checkpoint";
+
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic while holding the lock leaves state that was fully updated or not at all (every
     // mutation is a plain assignment after the I/O it records), so the data is still valid.
@@ -85,7 +89,12 @@ impl Partition {
     ) -> Result<Partition> {
         let (sealed, active) = load(&dir, &opts, read_only)?;
         let end = active.meta.next_offset;
-        let first_dirty = sealed.first().map_or(active.meta.base, |s| s.base);
+        // Compaction resumes where it left off; without a checkpoint it starts at the beginning.
+        let start = sealed.first().map_or(active.meta.base, |s| s.base);
+        let first_dirty = std::fs::read_to_string(dir.join(CLEANER_CHECKPOINT))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .map_or(start, |c| c.clamp(start, active.meta.base));
         let state = State {
             sealed,
             active,
@@ -465,9 +474,24 @@ impl Partition {
         Ok(())
     }
 
-    pub fn set_first_dirty(&self, offset: u64) {
+    /// Records that compaction has cleaned everything below `offset`, durably, so a restart
+    /// does not clean it all again.
+    pub fn set_first_dirty(&self, offset: u64) -> Result<()> {
+        let path = self.dir.join(CLEANER_CHECKPOINT);
+        let tmp = path.with_extension("tmp");
+        let durable = self.opts.fsync != FsyncPolicy::Never;
+        let write = || -> std::io::Result<()> {
+            let f = File::create(&tmp)?;
+            (&f).write_all(format!("{offset}\n").as_bytes())?;
+            if durable {
+                f.sync_all()?;
+            }
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(LogError::io("writing the cleaner checkpoint", &path))?;
         let mut st = lock(&self.state);
         st.first_dirty = st.first_dirty.max(offset);
+        Ok(())
     }
 
     /// Deletes whole sealed segments past the topic's time or size retention. Returns how many.
