@@ -198,14 +198,31 @@ pub fn run(args: &QuickstartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<(
     drop(reader);
     drop(log);
 
+    let me = invocation();
     let dd = dir.display();
     println!("\nNext, try:");
-    println!("  polylog --data-dir {dd} topics list");
-    println!("  polylog --data-dir {dd} topics describe {TOPIC}");
-    println!("  polylog --data-dir {dd} topics tail {TOPIC} -n 3");
-    println!("  printf 'k1\\thello\\n' | polylog --data-dir {dd} topics produce notes --create");
-    println!("  polylog --data-dir {dd} topics tail notes --follow     # in another terminal, while producing");
+    println!("  {me} --data-dir {dd} topics list");
+    println!("  {me} --data-dir {dd} topics describe {TOPIC}");
+    println!("  {me} --data-dir {dd} topics tail {TOPIC} -n 3");
+    println!("  {me} --data-dir {dd} topics tail notes --follow     # in one terminal");
+    println!("  printf 'k1\\thello\\n' | {me} --data-dir {dd} topics produce notes --create     # in another");
     Ok(())
+}
+
+/// How to run this binary again from here: `polylog` if that is what is on the PATH, else its
+/// path (e.g. `./target/release/polylog` after `cargo run`).
+fn invocation() -> String {
+    let Ok(exe) = std::env::current_exe() else { return "polylog".into() };
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("polylog") == exe));
+    if on_path {
+        return "polylog".into();
+    }
+    match std::env::current_dir().ok().and_then(|cwd| exe.strip_prefix(cwd).ok().map(PathBuf::from))
+    {
+        Some(rel) => format!("./{}", rel.display()),
+        None => exe.display().to_string(),
+    }
 }
 
 fn size(log: &EmbeddedLog) -> anyhow::Result<u64> {
