@@ -3,8 +3,9 @@
 //! A pass builds a map from key hash to latest offset over the *dirty* part of the sealed
 //! segments (offsets not yet cleaned), bounded to `compaction_keys_max` entries; it then rewrites
 //! every sealed segment up to the end of what the map covers, keeping a record only if no later
-//! record with its key is in the map. Tombstones older than the topic's
-//! `tombstone_retention_ms` are dropped too. Offsets never change: a rewritten batch keeps its
+//! record with its key is in the map. Tombstones in segments last written more than the topic's
+//! `tombstone_retention_ms` ago are dropped too (the segment's age, not the record's timestamp,
+//! which a producer sets). A segment with nothing to remove is left as it is. Offsets never change: a rewritten batch keeps its
 //! base offset and last offset delta. The active segment is never touched, so appends go on, and
 //! readers keep reading the files they opened (a replaced file lives on until closed).
 //!
@@ -53,10 +54,14 @@ pub(crate) fn needs_compaction(p: &Partition, min_dirty_ratio: f64) -> bool {
 
 /// Compacts a partition's sealed segments completely, in as many passes as the key map's bound
 /// requires.
-pub(crate) fn compact(p: &Partition, now_ms: i64) -> Result<CompactionStats> {
+/// With `force`, a pass runs even when nothing is dirty, to drop tombstones whose grace has run
+/// out since the last pass (the background round waits for new data to clean, as Kafka does).
+pub(crate) fn compact(p: &Partition, now_ms: i64, force: bool) -> Result<CompactionStats> {
     let _one_at_a_time = p.compaction.lock().unwrap_or_else(|e| e.into_inner());
     let mut total = CompactionStats::default();
-    while let Some(s) = compact_pass(p, now_ms)? {
+    let mut first = true;
+    while let Some(s) = compact_pass(p, now_ms, force && first)? {
+        first = false;
         total.segments_rewritten += s.segments_rewritten;
         total.records_removed += s.records_removed;
         total.bytes_before += s.bytes_before;
@@ -65,12 +70,12 @@ pub(crate) fn compact(p: &Partition, now_ms: i64) -> Result<CompactionStats> {
     Ok(total)
 }
 
-/// One pass; `None` when there is nothing dirty left.
-fn compact_pass(p: &Partition, now_ms: i64) -> Result<Option<CompactionStats>> {
+/// One pass; `None` when there is nothing dirty left (and no clean-only pass was asked for).
+fn compact_pass(p: &Partition, now_ms: i64, clean_only: bool) -> Result<Option<CompactionStats>> {
     let (sealed, first_dirty) = p.sealed_segments();
     let mut stats = CompactionStats::default();
     let Some(last) = sealed.last() else { return Ok(None) };
-    if last.next_offset <= first_dirty {
+    if last.next_offset <= first_dirty && !clean_only {
         return Ok(None);
     }
     let durable = p.opts.fsync != crate::FsyncPolicy::Never;
@@ -101,9 +106,19 @@ fn compact_pass(p: &Partition, now_ms: i64) -> Result<Option<CompactionStats>> {
         map_end = seg.next_offset;
     }
     // 2. Rewrite every sealed segment that holds offsets the map covers, oldest first.
-    let tombstone_horizon = now_ms.saturating_sub(p.config.tombstone_retention_ms as i64);
+    let grace = i64::try_from(p.config.tombstone_retention_ms).unwrap_or(i64::MAX);
+    let tombstone_horizon = now_ms.saturating_sub(grace);
     for seg in sealed.iter().filter(|s| s.base < map_end) {
         let path = log_path(&p.dir, seg.base);
+        // A tombstone's grace runs from when its segment was last written (as Kafka does), not
+        // from the record's own timestamp, which a producer sets and may be old (a backfill).
+        // Rewrites keep the original modification time.
+        let modified = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map_err(LogError::io("reading a segment's modification time", &path))?;
+        let modified_ms =
+            modified.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let tombstones_expired = modified_ms < tombstone_horizon;
         let tmp = path.with_extension("log.cleaned");
         let mut out = std::io::BufWriter::new(
             File::create(&tmp).map_err(LogError::io("creating a compacted segment", &tmp))?,
@@ -121,7 +136,7 @@ fn compact_pass(p: &Partition, now_ms: i64) -> Result<Option<CompactionStats>> {
                 let superseded = r.offset < map_end
                     && map.get(&key_hash(r.key.unwrap_or_default())).is_some_and(|&l| l > r.offset);
                 let expired_tombstone =
-                    r.offset < map_end && r.value.is_none() && r.timestamp < tombstone_horizon;
+                    tombstones_expired && r.offset < map_end && r.value.is_none();
                 if superseded || expired_tombstone {
                     removed += 1;
                 } else {
@@ -150,6 +165,7 @@ fn compact_pass(p: &Partition, now_ms: i64) -> Result<Option<CompactionStats>> {
         let flushed = match write_err {
             Some(e) => Err(e),
             None => out.into_inner().map_err(|e| e.into_error()).and_then(|f| {
+                f.set_modified(modified)?;
                 if durable {
                     f.sync_all()
                 } else {
@@ -158,6 +174,11 @@ fn compact_pass(p: &Partition, now_ms: i64) -> Result<Option<CompactionStats>> {
             }),
         };
         flushed.map_err(LogError::io("writing a compacted segment", &tmp))?;
+        if removed == 0 {
+            // Nothing to remove here: keep the original (and its index) as it is.
+            let _ = std::fs::remove_file(&tmp);
+            continue;
+        }
         stats.segments_rewritten += 1;
         stats.records_removed += removed;
         stats.bytes_before += seg.size;

@@ -288,7 +288,7 @@ impl Inner {
             if p.config.compacted
                 && (force || compaction::needs_compaction(&p, self.opts.compaction_min_dirty_ratio))
             {
-                let s = compaction::compact(&p, now)?;
+                let s = compaction::compact(&p, now, force)?;
                 let c = &mut report.compaction;
                 c.segments_rewritten += s.segments_rewritten;
                 c.records_removed += s.records_removed;

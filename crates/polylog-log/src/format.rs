@@ -122,8 +122,10 @@ pub(crate) fn check_batch(buf: &[u8], batch_bytes_max: usize) -> Result<BatchHea
         max_timestamp: u64_at(batch, 30) as i64,
         record_count: u32_at(batch, 38),
     };
-    if header.base_offset.checked_add(u64::from(header.last_offset_delta) + 1).is_none() {
-        return corrupt("offsets overflow");
+    // Offsets are Kafka's: non-negative 64-bit signed integers.
+    let next = header.base_offset.checked_add(u64::from(header.last_offset_delta) + 1);
+    if next.is_none_or(|n| n > i64::MAX as u64) {
+        return corrupt("offsets beyond the largest offset");
     }
     // Walk the records without keeping them: a batch is valid only if all of it parses.
     let mut records = RecordIter::new(header, &batch[BATCH_HEADER_BYTES..]);

@@ -91,7 +91,8 @@ pub struct TopicConfig {
     /// Roll to a new segment file at this size (`segment.bytes`).
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
-    /// How long a tombstone survives compaction, so readers see the delete (`delete.retention.ms`).
+    /// How long after its segment was written a tombstone survives compaction, so readers see
+    /// the delete (`delete.retention.ms`).
     #[serde(default = "default_tombstone_retention_ms")]
     pub tombstone_retention_ms: u64,
 }

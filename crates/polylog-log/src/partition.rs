@@ -155,8 +155,18 @@ impl Partition {
         }
         let now = crate::now_ms();
         let mut st = lock(&self.state);
-        if st.poisoned.is_some() {
-            return Err(self.poisoned_error(&st));
+        loop {
+            if st.poisoned.is_some() {
+                return Err(self.poisoned_error(&st));
+            }
+            // A roll fsyncs the active file; it must not overlap the syncer's fsync of the same
+            // file, or one of them could see an error the other swallowed (Linux reports a
+            // failed writeback once per file description).
+            if !(st.syncing && self.must_roll(&st.active.meta, bound as u64, records.len() as u64))
+            {
+                break;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         let base = st.active.meta.next_offset;
         let n = records.len() as u32;
@@ -201,6 +211,13 @@ impl Partition {
             self.changed.notify_all();
         }
         Ok(())
+    }
+
+    /// Whether a batch of `bytes` holding `offsets` offsets needs a new segment.
+    fn must_roll(&self, active: &SegmentMeta, bytes: u64, offsets: u64) -> bool {
+        let rel_end = active.next_offset - active.base + offsets;
+        active.size > 0
+            && (active.size + bytes > self.config.segment_bytes || rel_end > u64::from(u32::MAX))
     }
 
     fn faults_write(&self, file: &File, batch: &[u8], pos: u64) -> std::io::Result<()> {
@@ -291,6 +308,11 @@ impl Partition {
         let mut st = lock(&self.state);
         st.syncing = false;
         match r {
+            // Once poisoned, nothing more is published: the error may have been for our pages.
+            Ok(()) if st.poisoned.is_some() => {
+                self.changed.notify_all();
+                Err(self.poisoned_error(&st))
+            }
             Ok(()) => {
                 st.durable = st.durable.max(target);
                 self.changed.notify_all();
@@ -440,38 +462,44 @@ impl Partition {
         };
         drop(st);
         let path = log_path(&self.dir, base);
-        let new_meta = match cleaned {
+        let durable = self.opts.fsync != FsyncPolicy::Never;
+        match cleaned {
             Some((meta, tmp, idx)) => {
                 fs::rename(tmp, &path)
                     .map_err(LogError::io("installing a compacted segment", &path))?;
+                // The segment list follows the file at once; until the new index is written, the
+                // old one is rejected (its segment length differs) or checked by readers.
+                self.replace_sealed(i, base, Some(meta));
                 let summary = SegmentSummary {
                     segment_len: meta.size,
                     next_offset: meta.next_offset,
                     max_timestamp: meta.max_timestamp,
                 };
-                idx.write_files(&path, summary, self.opts.fsync != FsyncPolicy::Never)
+                idx.write_files(&path, summary, durable)
                     .map_err(LogError::io("writing a compacted segment's index", &path))?;
-                Some(meta)
             }
             None => {
+                self.replace_sealed(i, base, None);
                 remove_segment_files(&path);
-                None
             }
-        };
-        if self.opts.fsync != FsyncPolicy::Never {
+        }
+        if durable {
             sync_dir(&self.dir)
                 .map_err(LogError::io("syncing the partition directory", &self.dir))?;
         }
+        Ok(())
+    }
+
+    fn replace_sealed(&self, i: usize, base: u64, meta: Option<SegmentMeta>) {
         let mut st = lock(&self.state);
         if st.sealed.get(i).map(|s| s.base) == Some(base) {
-            match new_meta {
+            match meta {
                 Some(m) => st.sealed[i] = m,
                 None => {
                     st.sealed.remove(i);
                 }
             }
         }
-        Ok(())
     }
 
     /// Records that compaction has cleaned everything below `offset`, durably, so a restart
@@ -507,10 +535,10 @@ impl Partition {
             let mut total: u64 =
                 st.sealed.iter().map(|s| s.size).sum::<u64>() + st.active.meta.size;
             while let Some(first) = st.sealed.first().copied() {
-                let too_old = self
-                    .config
-                    .retention_ms
-                    .is_some_and(|ms| first.max_timestamp < now_ms.saturating_sub(ms as i64));
+                let too_old = self.config.retention_ms.is_some_and(|ms| {
+                    first.max_timestamp
+                        < now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX))
+                });
                 let too_big =
                     self.config.retention_bytes.is_some_and(|max| total - first.size >= max);
                 if !(too_old || too_big) {
@@ -523,6 +551,10 @@ impl Partition {
         }
         for base in &doomed {
             remove_segment_files(&log_path(&self.dir, *base));
+        }
+        if !doomed.is_empty() && self.opts.fsync != FsyncPolicy::Never {
+            sync_dir(&self.dir)
+                .map_err(LogError::io("syncing the partition directory", &self.dir))?;
         }
         Ok(doomed.len())
     }
@@ -575,6 +607,14 @@ impl Partition {
             return Ok(());
         }
         drop(st);
+        self.reload()
+    }
+
+    /// Read-only view: reads the partition's segment list and files again from scratch.
+    pub fn reload(&self) -> Result<()> {
+        if !self.read_only {
+            return Ok(());
+        }
         let (sealed, active) = load(&self.dir, &self.opts, true)?;
         let mut st = lock(&self.state);
         st.durable = active.meta.next_offset;
@@ -648,11 +688,12 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
                 .map_err(LogError::io("scanning", &path))?;
         let torn = scan.meta.size < len;
         if read_only {
-            if i < last {
+            if i < last && !torn {
                 sealed.push(scan.meta);
                 min_offset = scan.meta.next_offset;
                 continue;
             }
+            // The writer has not recovered this yet; the view ends at its valid prefix.
             let file = File::open(&path).map_err(LogError::io("opening", &path))?;
             return Ok((sealed, active_from(file, scan)));
         }
@@ -667,13 +708,13 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
                 len - scan.meta.size
             );
         }
+        let durable = opts.fsync != FsyncPolicy::Never;
         if i < last && !torn {
             let summary = SegmentSummary {
                 segment_len: scan.meta.size,
                 next_offset: scan.meta.next_offset,
                 max_timestamp: scan.meta.max_timestamp,
             };
-            let durable = opts.fsync != FsyncPolicy::Never;
             scan.index
                 .write_files(&path, summary, durable)
                 .map_err(LogError::io("rebuilding index", &path))?;
@@ -690,7 +731,14 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
             .map_err(LogError::io("opening", &path))?;
         if torn {
             file.set_len(scan.meta.size).map_err(LogError::io("truncating", &path))?;
+        }
+        // The previous process may have written batches it never fsynced (so never
+        // acknowledged): make them durable before readers see them, since the durable offset
+        // starts at the end of what is there.
+        if durable || torn {
             file.sync_all().map_err(LogError::io("syncing", &path))?;
+        }
+        if torn {
             for &later in &bases[i + 1..] {
                 eprintln!("polylog: recovering: removing segment {later} after the torn one");
                 remove_segment_files(&log_path(dir, later));
@@ -702,7 +750,8 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
         }
         return Ok((sealed, active_from(file, scan)));
     }
-    unreachable!("the loop returns at the last segment")
+    // `bases` is not empty, and its last element always returns above.
+    Err(LogError::Corrupt { path: dir.into(), position: 0, reason: "no segment to open".into() })
 }
 
 fn active_from(file: File, scan: Scan) -> Active {

@@ -29,10 +29,6 @@ enum Open {
 struct Cursor {
     base: u64,
     cursor: BatchCursor,
-    /// Opened while it was the active segment, so it may still grow.
-    opened_active: bool,
-    /// Length of the file when opened (a sealed file never changes; compaction replaces it).
-    file_len: u64,
 }
 
 impl PartitionReader {
@@ -92,10 +88,18 @@ impl PartitionReader {
                 }
             }
             let Some(c) = self.cur.as_mut() else { break };
+            // While the segment is active, read only what the writer has finished writing.
+            // Once sealed, the file our descriptor points to never changes (compaction writes a
+            // new file), so its own length bounds it, whatever the segment list says now.
             let (limit, seg_next, still_active) = match self.part.segment_state(c.base) {
-                Some((meta, active)) if c.opened_active => (meta.size, meta.next_offset, active),
-                Some((meta, _)) => (c.file_len, meta.next_offset, false),
-                None => (c.file_len, 0, false),
+                Some((meta, true)) => (meta.size, meta.next_offset, true),
+                state => {
+                    let len = c
+                        .cursor
+                        .file_len()
+                        .map_err(LogError::io("reading", self.part.dir.clone()))?;
+                    (len, state.map_or(0, |(meta, _)| meta.next_offset), false)
+                }
             };
             let pos = c.cursor.pos;
             match c.cursor.next_batch(limit) {
@@ -166,23 +170,29 @@ impl PartitionReader {
         let Some(loc) = self.part.locate(self.next) else { return Ok(Open::NoData) };
         let file = match File::open(&loc.path) {
             Ok(f) => f,
-            // Removed by retention or replaced between the lookup and the open: look again.
+            // Removed by retention or compaction between the lookup and the open: look again.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.part.refresh()?;
+                self.part.reload()?;
                 return Ok(Open::Retry);
             }
             Err(e) => return Err(LogError::io("opening", loc.path)(e)),
         };
-        let file_len = file.metadata().map_err(LogError::io("reading", &loc.path))?.len();
-        let opened_active =
-            self.part.segment_state(loc.meta.base).is_some_and(|(_, active)| active);
-        let start = if loc.start_pos < file_len { loc.start_pos } else { 0 };
-        self.cur = Some(Cursor {
-            base: loc.meta.base,
-            cursor: BatchCursor::new(file, start, self.part.opts.batch_bytes_max),
-            opened_active,
-            file_len,
-        });
+        let max = self.part.opts.batch_bytes_max;
+        let mut cursor = BatchCursor::new(file, loc.start_pos, max);
+        // The index position is a hint: the file may have been replaced by its compacted version
+        // since the index was read. Use it only if a valid batch starts there at or before the
+        // offset we want; otherwise read the segment from its start.
+        if loc.start_pos > 0 {
+            let len = cursor.file_len().map_err(LogError::io("reading", &loc.path))?;
+            let fits =
+                matches!(cursor.next_batch(len), Ok(Some((h, _))) if h.base_offset <= self.next);
+            cursor = if fits {
+                BatchCursor::new(cursor.into_file(), loc.start_pos, max)
+            } else {
+                BatchCursor::new(cursor.into_file(), 0, max)
+            };
+        }
+        self.cur = Some(Cursor { base: loc.meta.base, cursor });
         Ok(Open::Opened)
     }
 }

@@ -105,6 +105,16 @@ impl BatchCursor {
         Ok(filled >= n)
     }
 
+    /// The file, to read again from another position.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
+    /// Current length of the file being read.
+    pub fn file_len(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
     /// The next batch before `end`, or `Ok(None)` exactly at `end`.
     pub fn next_batch(&mut self, end: u64) -> Result<Option<(BatchHeader, &[u8])>, ReadStop> {
         if self.pos >= end {

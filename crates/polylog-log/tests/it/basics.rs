@@ -134,12 +134,16 @@ fn retention_deletes_old_segments_by_size_and_time() {
         TopicConfig { segment_bytes: 4096, retention_ms: Some(60_000), ..TopicConfig::new(1) };
     log.create_topic("size", &by_size).expect("create");
     log.create_topic("time", &by_time).expect("create");
+    let forever =
+        TopicConfig { segment_bytes: 4096, retention_ms: Some(u64::MAX), ..TopicConfig::new(1) };
+    log.create_topic("forever", &forever).expect("create");
     let old = polylog_log::now_ms() - 3_600_000;
     for i in 0..400u64 {
         log.append("size", 0, &[rec(&format!("k{i}"), &"x".repeat(200))]).expect("append");
         let mut r = rec(&format!("k{i}"), &"y".repeat(200));
         r.timestamp_ms = Some(if i < 300 { old } else { polylog_log::now_ms() });
-        log.append("time", 0, &[r]).expect("append");
+        log.append("time", 0, std::slice::from_ref(&r)).expect("append");
+        log.append("forever", 0, &[r]).expect("append");
     }
     let report = log.maintain_now().expect("maintain");
     assert!(report.segments_deleted > 0);
@@ -149,6 +153,8 @@ fn retention_deletes_old_segments_by_size_and_time() {
     let kept = read_all(&log, "size", 0, StartAt::Beginning);
     assert_eq!(kept.first().map(|r| r.offset), Some(size.start_offset));
     assert_eq!(kept.len() as u64, 400 - size.start_offset);
+    let kept = log.describe_topic("forever").expect("describe").partitions[0].clone();
+    assert_eq!(kept.start_offset, 0, "a retention of u64::MAX ms keeps everything");
     let time = log.describe_topic("time").expect("describe").partitions[0].clone();
     assert!(time.start_offset > 250 && time.start_offset <= 300, "{time:?}");
     // Asking for a removed offset of a non-compacted topic is an error that says so.

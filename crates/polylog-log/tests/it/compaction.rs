@@ -23,17 +23,38 @@ fn active_base(root: &std::path::Path) -> u64 {
         .expect("a segment")
 }
 
+/// Makes every sealed segment look last written two hours ago (past the tombstone grace).
+/// Returns the offset below which every record is in such a segment.
+fn age_sealed_segments(root: &std::path::Path) -> u64 {
+    let dir = root.join("topics").join("c").join("0");
+    let active = active_base(root);
+    let old = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for e in std::fs::read_dir(dir).expect("list") {
+        let path = e.expect("entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let Some(base) = name.strip_suffix(".log").and_then(|b| b.parse::<u64>().ok()) else {
+            continue;
+        };
+        if base < active {
+            let f = std::fs::File::options().write(true).open(&path).expect("open segment");
+            f.set_modified(old).expect("set mtime");
+        }
+    }
+    active
+}
+
 /// Checks the compacted partition against every record ever written (`history`, by offset).
-/// `fully_compacted`: compaction has run to completion since the last append.
+/// `fully_compacted`: compaction has run to completion since the last append. Tombstones below
+/// `aged_below` sit in segments older than the grace period.
 fn check(
     log: &EmbeddedLog,
     root: &std::path::Path,
     history: &[Record],
     fully_compacted: bool,
+    aged_below: u64,
     ctx: &str,
 ) {
     let got = read_all(log, "c", 0, StartAt::Beginning);
-    let now = now_ms();
     // Every record read is exactly the one written at its offset, in order.
     let mut last = None;
     for r in &got {
@@ -53,11 +74,11 @@ fn check(
         latest.insert(w.key.as_deref().unwrap_or_default(), o);
     }
     let present: HashSet<u64> = got.iter().map(|r| r.offset).collect();
-    let expired =
-        |w: &Record| w.value.is_none() && w.timestamp_ms.unwrap_or(0) < now - GRACE_MS as i64;
+    // Record timestamps do not matter (half are two hours old, like a backfill's): only the age
+    // of the segment a tombstone sits in does.
+    let expired = |o: u64| history[o as usize].value.is_none() && o < aged_below;
     for (&key, &o) in &latest {
-        let w = &history[o];
-        if !expired(w) {
+        if !expired(o as u64) {
             assert!(
                 present.contains(&(o as u64)),
                 "{ctx}: latest record of key {key:?} at offset {o} is gone"
@@ -82,11 +103,7 @@ fn check(
                 "{ctx}: superseded record {} of {key:?} kept",
                 r.offset
             );
-            assert!(
-                !expired(&history[r.offset as usize]),
-                "{ctx}: expired tombstone {} kept",
-                r.offset
-            );
+            assert!(!expired(r.offset), "{ctx}: expired tombstone {} kept", r.offset);
         }
     }
 }
@@ -108,6 +125,7 @@ fn compaction_keeps_the_latest_record_per_key() {
         log.create_topic("c", &cfg).expect("create");
         let mut history: Vec<Record> = Vec::new();
         let key_space = 1 + rng.below(40);
+        let mut aged_below = 0;
         for step in 0..150 {
             let ctx = format!("round {round} step {step} (keys_max {keys_max})");
             match rng.below(10) {
@@ -133,14 +151,17 @@ fn compaction_keeps_the_latest_record_per_key() {
                     history.extend(batch);
                 }
                 8 => {
+                    if rng.chance(50) {
+                        aged_below = aged_below.max(age_sealed_segments(root.path()));
+                    }
                     log.maintain_now().expect("compact");
-                    check(&log, root.path(), &history, true, &ctx);
+                    check(&log, root.path(), &history, true, aged_below, &ctx);
                 }
                 _ => {
                     log.maintain_now().expect("compact");
                     drop(log);
                     log = EmbeddedLog::open(root.path(), o.clone()).expect("reopen");
-                    check(&log, root.path(), &history, false, &ctx);
+                    check(&log, root.path(), &history, false, aged_below, &ctx);
                 }
             }
         }
@@ -194,4 +215,50 @@ fn compaction_runs_beside_writers_and_readers() {
     assert!(after.size_bytes <= before);
     let all = read_all(&*log, "c", 0, StartAt::Beginning);
     assert!(all.len() < 1000, "compaction shrank the topic: {} records left", all.len());
+}
+
+#[test]
+fn a_reader_in_a_segment_that_rolls_and_is_compacted_misses_nothing() {
+    let root = TempDir::new("compaction-reader");
+    let log = EmbeddedLog::open(root.path(), opts()).expect("open");
+    let cfg = TopicConfig { segment_bytes: 4096, ..TopicConfig::new(1).compacted() };
+    log.create_topic("c", &cfg).expect("create");
+    let mut history = Vec::new();
+    let mut append = |i: u64| {
+        // Keys 20..40 are never updated: they survive compaction of the first segment, behind
+        // records that do not.
+        let key = if (20..40).contains(&i) { format!("u{i}") } else { format!("k{}", i % 10) };
+        let r = Record::new(key, format!("value {i:>60}"));
+        log.append("c", 0, std::slice::from_ref(&r)).expect("append");
+        history.push(r);
+    };
+    append(0);
+    // The reader opens the first segment while it is still the active one.
+    let mut reader = log.reader("c", 0, StartAt::Beginning).expect("reader");
+    let first = reader.poll(1, Duration::ZERO).expect("poll");
+    assert_eq!(first.len(), 1);
+    // The segment fills, rolls, and compaction shrinks it under the reader.
+    for i in 1..400 {
+        append(i);
+    }
+    let report = log.maintain_now().expect("compact");
+    assert!(report.compaction.records_removed > 0);
+    let mut seen = first;
+    loop {
+        let got = reader.poll(7, Duration::ZERO).expect("poll after compaction");
+        if got.is_empty() {
+            break;
+        }
+        seen.extend(got);
+    }
+    for w in seen.windows(2) {
+        assert!(w[0].offset < w[1].offset, "offsets increase");
+    }
+    for r in &seen {
+        assert_eq!(r.value, history[r.offset as usize].value, "record {} is as written", r.offset);
+    }
+    let offsets: HashSet<u64> = seen.iter().map(|r| r.offset).collect();
+    for o in (20..40).chain(390..400) {
+        assert!(offsets.contains(&o), "latest value of a key (offset {o}) was skipped");
+    }
 }
