@@ -17,17 +17,9 @@ pub(crate) struct Groups {
     cache: Mutex<HashMap<String, Offsets>>,
 }
 
+/// Group names follow the topic-name rules (they name a file under `groups/`).
 pub(crate) fn validate_group_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 249
-        && name != "."
-        && name != ".."
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(LogError::InvalidGroupName { name: name.into() })
-    }
+    crate::validate_topic_name(name).map_err(|_| LogError::InvalidGroupName { name: name.into() })
 }
 
 impl Groups {
