@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use polylog_log::FsyncPolicy;
+pub use polylog_postgres::PostgresSourceConfig;
 use serde::Deserialize;
 
 /// The whole configuration file.
@@ -138,45 +139,6 @@ fn default_api_listen() -> String {
 pub enum SourceConfig {
     /// Change data capture from Postgres logical replication.
     Postgres(PostgresSourceConfig),
-}
-
-/// `[sources.<name>]` with `kind = "postgres"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSourceConfig {
-    /// Connection URL, `postgres://user@host:port/db?sslmode=...`.
-    pub url: String,
-    /// Tables to capture, as `schema.table` patterns (`*` matches any run of characters).
-    #[serde(default = "default_tables")]
-    pub tables: Vec<String>,
-    /// Tables to leave out, same patterns.
-    #[serde(default)]
-    pub exclude_tables: Vec<String>,
-    /// Topic names are `<topic_prefix>.<schema>.<table>`; defaults to the source's name.
-    #[serde(default)]
-    pub topic_prefix: Option<String>,
-    /// `initial` (snapshot once, then stream), `never`, or `always` (snapshot on every start).
-    #[serde(default)]
-    pub snapshot: SnapshotMode,
-    /// Replication slot name; defaults to `polylog_<source>`.
-    #[serde(default)]
-    pub slot: Option<String>,
-    /// Publication name; defaults to `polylog_<source>`.
-    #[serde(default)]
-    pub publication: Option<String>,
-}
-
-fn default_tables() -> Vec<String> {
-    vec!["public.*".into()]
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SnapshotMode {
-    #[default]
-    Initial,
-    Never,
-    Always,
 }
 
 /// `[views.<name>]`
@@ -349,17 +311,7 @@ impl Config {
         }
         for (name, s) in &self.sources {
             let SourceConfig::Postgres(pg) = s;
-            if !(pg.url.starts_with("postgres://") || pg.url.starts_with("postgresql://")) {
-                bail!("`sources.{name}.url`: expected a postgres:// URL");
-            }
-            if pg.tables.is_empty() {
-                bail!("`sources.{name}.tables`: list at least one table pattern");
-            }
-            for t in pg.tables.iter().chain(&pg.exclude_tables) {
-                if t.split('.').count() != 2 {
-                    bail!("`sources.{name}`: table pattern {t:?} must be `schema.table` (wildcards allowed)");
-                }
-            }
+            pg.validate().map_err(|e| anyhow::anyhow!("`sources.{name}`: {e}"))?;
         }
         for (name, v) in &self.views {
             polylog_log::validate_topic_name(&v.root)
@@ -421,6 +373,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use polylog_postgres::SnapshotMode;
 
     /// The example of DESIGN 3.7, verbatim.
     const DESIGN_EXAMPLE: &str = include_str!("../../../docs/polylog.example.toml");

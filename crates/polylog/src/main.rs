@@ -2,6 +2,7 @@
 
 mod config;
 mod quickstart;
+mod run;
 mod topics;
 
 use std::path::PathBuf;
@@ -37,6 +38,10 @@ enum Command {
     /// A guided demo on this machine: writes a stream of change events into the embedded log,
     /// compacts it and reads it back.
     Quickstart(quickstart::QuickstartArgs),
+    /// Run every configured source until Ctrl-C.
+    Run,
+    /// Show each source's state, position and replication slot lag.
+    Status,
     /// Work with the config file.
     Config {
         #[command(subcommand)]
@@ -84,6 +89,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quickstart(args) => quickstart::run(&args, data_dir.clone()),
         Command::Topics { command } => topics::run(&load()?, command),
+        Command::Run => run::run(&load()?),
+        Command::Status => run::status(&load()?),
         Command::Config { command: ConfigCommand::Check } => {
             let config = load()?;
             println!(

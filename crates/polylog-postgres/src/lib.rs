@@ -1,0 +1,17 @@
+//! Postgres change data capture: a blocking client of the Postgres wire protocol (including
+//! logical replication), the pgoutput decoder, the type mapping to JSON, and the source that
+//! turns committed row changes into Debezium-compatible change events in topics.
+
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod pgoutput;
+pub mod schema;
+pub mod source;
+pub mod state;
+pub mod types;
+pub mod wire;
+
+pub use config::{PostgresSourceConfig, SnapshotMode};
+pub use error::SourceError;
+pub use source::{PostgresSource, SourceOptions, SourceStatus};

@@ -1,0 +1,1094 @@
+//! The Postgres source: manages the publication and the slot, takes the initial snapshot, and
+//! streams committed changes into topics.
+//!
+//! # Exactly the committed changes
+//! Postgres sends each committed transaction whole, in commit order (pgoutput without
+//! `streaming`; Postgres itself spills large transactions to disk, so our memory stays bounded).
+//! Every record carries its [`Position`] in a header. Postgres is told a transaction is flushed
+//! only after every partition it touched has made its records durable. After a crash Postgres
+//! replays from the last flushed transaction, and a change is dropped if its partition already
+//! holds its position: nothing is lost, nothing is written twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use polylog_log::{partition_for_key, Log, LogError, Record, StartAt, TopicConfig};
+use serde_json::{json, Value};
+
+use crate::config::{PostgresSourceConfig, SnapshotMode};
+use crate::error::SourceError;
+use crate::event::{self, envelope, key_object, row_object, Converter, Position, Raw, SourceInfo};
+use crate::pgoutput::{self, format_lsn, parse_lsn, Message, TupleValue};
+use crate::schema::{self, quote_ident, quote_literal, ColumnSchema, TableSchema};
+use crate::state::{SnapshotStatus, SourceState};
+use crate::types::PgType;
+use crate::wire::{ConnectParams, Connection, ReplicationMessage, ReplicationStream};
+
+/// Records gathered before they are appended (per partition, and in all), bounding memory.
+const PENDING_RECORDS_MAX: usize = 2000;
+const DURABLE_TIMEOUT: Duration = Duration::from_secs(120);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const RECV_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// What `polylog status` shows of a source.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SourceStatus {
+    /// `starting`, `snapshotting`, `streaming`, `retrying`, `failed`, `stopped`.
+    pub state: String,
+    pub last_error: Option<String>,
+    /// Last WAL position received.
+    pub received_lsn: Option<String>,
+    /// Last WAL position Postgres was told is durably stored.
+    pub flushed_lsn: Option<String>,
+    pub events: u64,
+    pub transactions: u64,
+    pub snapshot_rows: u64,
+    pub snapshot_rows_estimate: u64,
+}
+
+/// Where the source keeps its state and how topics are laid out.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Directory of this source's state file.
+    pub state_dir: PathBuf,
+    /// Partitions of the table topics it creates.
+    pub partitions: u32,
+    /// Print snapshot progress on stderr.
+    pub progress: bool,
+}
+
+/// A running (or runnable) Postgres source.
+pub struct PostgresSource {
+    name: String,
+    cfg: PostgresSourceConfig,
+    params: ConnectParams,
+    log: Arc<dyn Log>,
+    opts: SourceOptions,
+    prefix: String,
+    slot: String,
+    publication: String,
+    mask_key: Option<Vec<u8>>,
+    /// Shared with whoever reports status.
+    pub status: Arc<Mutex<SourceStatus>>,
+}
+
+fn topic_safe(s: &str) -> String {
+    s.chars()
+        .map(
+            |c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' },
+        )
+        .collect()
+}
+
+impl PostgresSource {
+    /// Checks the config and prepares a source named `name`.
+    pub fn new(
+        name: &str,
+        cfg: PostgresSourceConfig,
+        log: Arc<dyn Log>,
+        opts: SourceOptions,
+    ) -> Result<PostgresSource, SourceError> {
+        cfg.validate().map_err(|e| SourceError::Setup(format!("sources.{name}: {e}")))?;
+        let params = ConnectParams::parse(&cfg.url)?;
+        let mask_key = if cfg.mask_columns.is_empty() {
+            None
+        } else {
+            let k = std::env::var(&cfg.mask_key_env).map_err(|_| {
+                SourceError::Setup(format!(
+                    "sources.{name}: mask_columns is set, so the masking key must be in ${}",
+                    cfg.mask_key_env
+                ))
+            })?;
+            Some(k.into_bytes())
+        };
+        let default_name = format!("polylog_{}", topic_safe(name).replace(['.', '-'], "_"));
+        Ok(PostgresSource {
+            prefix: cfg.topic_prefix.clone().unwrap_or_else(|| name.to_string()),
+            slot: cfg.slot.clone().unwrap_or_else(|| default_name.clone()),
+            publication: cfg.publication.clone().unwrap_or(default_name),
+            name: name.to_string(),
+            cfg,
+            params,
+            log,
+            opts,
+            mask_key,
+            status: Arc::new(Mutex::new(SourceStatus {
+                state: "starting".into(),
+                ..Default::default()
+            })),
+        })
+    }
+
+    /// The topic of a table.
+    pub fn table_topic(&self, schema: &str, table: &str) -> String {
+        topic_safe(&format!("{}.{schema}.{table}", self.prefix))
+    }
+    /// The transaction metadata topic (BEGIN/END markers with event counts).
+    pub fn transaction_topic(&self) -> String {
+        topic_safe(&format!("{}.transaction", self.prefix))
+    }
+    /// The schema history topic (one record per table schema seen).
+    pub fn schema_topic(&self) -> String {
+        topic_safe(&format!("{}.schema-history", self.prefix))
+    }
+    /// The replication slot's name.
+    pub fn slot_name(&self) -> &str {
+        &self.slot
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut SourceStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Runs until `stop` is set or a fatal error. Retryable errors (Postgres unreachable or
+    /// restarting) are retried with exponential backoff and shown in the status.
+    pub fn run(&self, stop: &AtomicBool) -> Result<(), SourceError> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.run_once(stop) {
+                Ok(()) => {
+                    self.set_status(|s| s.state = "stopped".into());
+                    return Ok(());
+                }
+                Err(e) if e.is_retryable() && !stop.load(Ordering::SeqCst) => {
+                    eprintln!("polylog: source {}: {e}; retrying in {backoff:?}", self.name);
+                    self.set_status(|s| {
+                        s.state = "retrying".into();
+                        s.last_error = Some(e.to_string());
+                    });
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Err(e) => {
+                    self.set_status(|s| {
+                        s.state = "failed".into();
+                        s.last_error = Some(e.to_string());
+                    });
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.opts.state_dir.join("state.json")
+    }
+
+    fn run_once(&self, stop: &AtomicBool) -> Result<(), SourceError> {
+        let mut conn = Connection::connect(&self.params, false)?;
+        schema::check_server(&mut conn)?;
+        let tables = schema::discover(&mut conn, &self.cfg)?;
+        schema::ensure_publication(&mut conn, &self.publication, &tables)?;
+        self.ensure_topics(&tables)?;
+        let mut state = SourceState::load(&self.state_path())?;
+        let slot = self.slot_info(&mut conn)?;
+        if let Some((_, wal_status)) = &slot {
+            if wal_status == "lost" {
+                return Err(self.slot_lost("lost the WAL it needs (wal_status = lost)"));
+            }
+        }
+        let snapshot_wanted = self.cfg.snapshot != SnapshotMode::Never;
+        let mut repl =
+            Connection::connect(&self.params, true).map_err(|e| self.replication_hint(e))?;
+        let start_lsn = match (&slot, state.snapshot) {
+            // The slot we streamed from is gone: changes were lost to us.
+            (None, SnapshotStatus::Done | SnapshotStatus::Skipped)
+                if state.slot.as_deref() == Some(&self.slot) =>
+            {
+                return Err(self.slot_lost("was dropped"));
+            }
+            // Resume an interrupted snapshot (with a new snapshot: the exported one died with
+            // the old connection; the stream that follows brings every row up to date).
+            (Some((lsn, _)), SnapshotStatus::InProgress)
+                if self.cfg.snapshot != SnapshotMode::Always =>
+            {
+                self.snapshot(&tables, &mut state, None, *lsn)?;
+                *lsn
+            }
+            (Some((lsn, _)), SnapshotStatus::Done | SnapshotStatus::Skipped)
+                if self.cfg.snapshot != SnapshotMode::Always
+                    && state.slot.as_deref() == Some(&self.slot) =>
+            {
+                *lsn
+            }
+            // A new slot: with `always`, on every start; otherwise when there is none that we
+            // know to have streamed from.
+            (existing, _) => {
+                if existing.is_some() {
+                    conn.execute(&format!(
+                        "SELECT pg_drop_replication_slot({})",
+                        quote_literal(&self.slot)
+                    ))?;
+                }
+                let mode = if snapshot_wanted { "export" } else { "nothing" };
+                let rows = repl.query(&format!(
+                    "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
+                    quote_ident(&self.slot)
+                ))?;
+                let row = rows.first().ok_or_else(|| {
+                    SourceError::Setup("CREATE_REPLICATION_SLOT returned nothing".into())
+                })?;
+                let lsn = row.get(1).cloned().flatten().and_then(|l| parse_lsn(&l)).unwrap_or(0);
+                let snapshot_name = row.get(2).cloned().flatten();
+                state = SourceState {
+                    slot: Some(self.slot.clone()),
+                    consistent_point: Some(format_lsn(lsn)),
+                    ..SourceState::default()
+                };
+                if snapshot_wanted {
+                    state.snapshot = SnapshotStatus::InProgress;
+                    state.save(&self.state_path())?;
+                    self.snapshot(&tables, &mut state, snapshot_name.as_deref(), lsn)?;
+                } else {
+                    state.snapshot = SnapshotStatus::Skipped;
+                    state.save(&self.state_path())?;
+                }
+                lsn
+            }
+        };
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let command = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(&self.slot),
+            format_lsn(start_lsn),
+            quote_literal(&quote_ident(&self.publication))
+        );
+        let stream = repl.start_replication(&command).map_err(|e| match e.code() {
+            Some("55000") | Some("42704") => self.slot_lost(&e.to_string()),
+            _ => e.into(),
+        })?;
+        self.set_status(|s| s.state = "streaming".into());
+        let mut streamer = Streamer::new(self, tables, conn, stream);
+        streamer.run(stop)
+    }
+
+    fn slot_lost(&self, why: &str) -> SourceError {
+        SourceError::SlotLost {
+            slot: self.slot.clone(),
+            why: why.into(),
+            state: self.state_path().display().to_string(),
+        }
+    }
+
+    fn replication_hint(&self, e: crate::wire::PgError) -> SourceError {
+        match e.code() {
+            Some("42501") | Some("28000") => SourceError::Setup(format!(
+                "{e}. Logical replication needs the REPLICATION privilege: ALTER ROLE {} REPLICATION; \
+                 (and pg_hba.conf must allow replication connections)",
+                quote_ident(&self.params.user)
+            )),
+            _ => e.into(),
+        }
+    }
+
+    /// The slot's confirmed flush LSN and `wal_status`, if it exists.
+    fn slot_info(&self, conn: &mut Connection) -> Result<Option<(u64, String)>, SourceError> {
+        let rows = conn.query(&format!(
+            "SELECT confirmed_flush_lsn, COALESCE(wal_status, ''), plugin, database FROM pg_replication_slots \
+             WHERE slot_name = {}",
+            quote_literal(&self.slot)
+        ))?;
+        let Some(r) = rows.first() else { return Ok(None) };
+        let plugin = r.get(2).cloned().flatten().unwrap_or_default();
+        let db = r.get(3).cloned().flatten().unwrap_or_default();
+        if plugin != "pgoutput" || db != self.params.dbname {
+            return Err(SourceError::Setup(format!(
+                "replication slot {:?} exists but belongs to {plugin:?} on database {db:?}; name another \
+                 slot for this source (slot = \"...\")",
+                self.slot
+            )));
+        }
+        let lsn = r.first().cloned().flatten().and_then(|l| parse_lsn(&l)).unwrap_or(0);
+        Ok(Some((lsn, r.get(1).cloned().flatten().unwrap_or_default())))
+    }
+
+    fn ensure_topics(&self, tables: &[TableSchema]) -> Result<(), SourceError> {
+        let mut wanted: Vec<(String, u32)> = tables
+            .iter()
+            .map(|t| (self.table_topic(&t.schema, &t.name), self.opts.partitions))
+            .collect();
+        wanted.push((self.transaction_topic(), 1));
+        wanted.push((self.schema_topic(), 1));
+        for (topic, partitions) in wanted {
+            match self.log.create_topic(&topic, &TopicConfig::new(partitions)) {
+                Ok(()) | Err(LogError::TopicExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Snapshots every table not yet done, in chunks by key, `snapshot_parallelism` tables at a
+    /// time; progress is saved after every chunk.
+    fn snapshot(
+        &self,
+        tables: &[TableSchema],
+        state: &mut SourceState,
+        exported: Option<&str>,
+        lsn: u64,
+    ) -> Result<(), SourceError> {
+        self.set_status(|s| s.state = "snapshotting".into());
+        let todo: Vec<&TableSchema> = tables
+            .iter()
+            .filter(|t| !state.tables.get(&t.qualified()).is_some_and(|p| p.done))
+            .collect();
+        let mut estimate = 0u64;
+        {
+            let mut conn = Connection::connect(&self.params, false)?;
+            for t in &todo {
+                let rows = conn.query(&format!(
+                    "SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = {}",
+                    t.oid
+                ))?;
+                estimate += rows
+                    .first()
+                    .and_then(|r| r.first().cloned().flatten())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+            }
+        }
+        let done_rows: u64 = state.tables.values().map(|p| p.rows).sum();
+        self.set_status(|s| {
+            s.snapshot_rows = done_rows;
+            s.snapshot_rows_estimate = estimate + done_rows;
+        });
+        let shared = Mutex::new((state.clone(), 0usize));
+        let failure: Mutex<Option<SourceError>> = Mutex::new(None);
+        let progress_stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            if self.opts.progress {
+                scope.spawn(|| self.print_progress(&progress_stop));
+            }
+            let workers: Vec<_> = (0..self.cfg.snapshot_parallelism.min(todo.len()).max(1))
+                .map(|_| {
+                    scope.spawn(|| loop {
+                        let next = {
+                            let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+                            let i = g.1;
+                            g.1 += 1;
+                            todo.get(i).copied()
+                        };
+                        let Some(table) = next else { return };
+                        if failure.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                            return;
+                        }
+                        if let Err(e) = self.snapshot_table(table, exported, lsn, &shared) {
+                            failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                            return;
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                let _ = w.join();
+            }
+            progress_stop.store(true, Ordering::SeqCst);
+        });
+        if let Some(e) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        *state = shared.into_inner().unwrap_or_else(|e| e.into_inner()).0;
+        state.snapshot = SnapshotStatus::Done;
+        state.save(&self.state_path())?;
+        Ok(())
+    }
+
+    fn print_progress(&self, stop: &AtomicBool) {
+        use std::io::Write;
+        let started = Instant::now();
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(250));
+            let s = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let pct = if s.snapshot_rows_estimate > 0 {
+                100.0 * s.snapshot_rows as f64 / s.snapshot_rows_estimate as f64
+            } else {
+                0.0
+            };
+            let rate = s.snapshot_rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            let width = 30usize;
+            let filled = ((pct / 100.0) * width as f64).min(width as f64) as usize;
+            eprint!(
+                "\rsnapshot {}: [{}{}] {}/~{} rows ({pct:.0}%), {rate:.0} rows/s   ",
+                self.name,
+                "#".repeat(filled),
+                "-".repeat(width - filled),
+                s.snapshot_rows,
+                s.snapshot_rows_estimate
+            );
+            let _ = std::io::stderr().flush();
+        }
+        eprintln!();
+    }
+
+    fn snapshot_table(
+        &self,
+        table: &TableSchema,
+        exported: Option<&str>,
+        lsn: u64,
+        shared: &Mutex<(SourceState, usize)>,
+    ) -> Result<(), SourceError> {
+        let mut conn = Connection::connect(&self.params, false)?;
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+        if let Some(name) = exported {
+            conn.execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name)))?;
+        }
+        let topic = self.table_topic(&table.schema, &table.name);
+        let columns: Vec<(usize, &ColumnSchema)> =
+            table.columns.iter().enumerate().filter(|(_, c)| !c.excluded).collect();
+        let select: Vec<String> = columns.iter().map(|(_, c)| quote_ident(&c.name)).collect();
+        let key_cols: Vec<String> =
+            table.key.iter().map(|&i| quote_ident(&table.columns[i].name)).collect();
+        // Chunking needs an ordered key; a table keyed by all its columns goes in one piece.
+        let chunked = table.replica_identity != 'f' || table.key.len() < table.columns.len();
+        let mut progress = {
+            let g = shared.lock().unwrap_or_else(|e| e.into_inner());
+            g.0.tables.get(&table.qualified()).cloned().unwrap_or_default()
+        };
+        let mut conv = Converter::new(self.mask_key.clone());
+        let mut row = Vec::new();
+        let mut pending: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
+        let mut pending_n = 0usize;
+        let mut ends: HashMap<u32, u64> = HashMap::new();
+        let db = self.params.dbname.clone();
+        loop {
+            let mut sql = format!("COPY (SELECT {} FROM {}", select.join(", "), table.sql_name());
+            if chunked {
+                if let Some(last) = &progress.last_key {
+                    let lits: Vec<String> = table
+                        .key
+                        .iter()
+                        .zip(last)
+                        .map(|(&i, v)| {
+                            format!("{}::{}", quote_literal(v), table.columns[i].type_name)
+                        })
+                        .collect();
+                    sql.push_str(&format!(
+                        " WHERE ({}) > ({})",
+                        key_cols.join(", "),
+                        lits.join(", ")
+                    ));
+                }
+                sql.push_str(&format!(
+                    " ORDER BY {} LIMIT {}",
+                    key_cols.join(", "),
+                    self.cfg.snapshot_chunk_rows
+                ));
+            }
+            sql.push_str(") TO STDOUT");
+            let mut last_key: Option<Vec<String>> = None;
+            let mut in_chunk = 0u64;
+            let copied = conn.copy_out(&sql, |line: &[u8]| -> Result<(), SourceError> {
+                event::parse_copy_row(line, &mut row);
+                // Values in table column order (excluded columns were not selected).
+                let mut raws = vec![Raw::Null; table.columns.len()];
+                for ((i, _), v) in columns.iter().zip(&row) {
+                    raws[*i] = v.as_deref().map_or(Raw::Null, Raw::Text);
+                }
+                let key = key_object(&mut conv, table, &raws);
+                let after = row_object(&mut conv, table, &raws, None);
+                let src = SourceInfo {
+                    name: &self.name,
+                    db: &db,
+                    lsn: Some(lsn),
+                    tx_id: None,
+                    ts_ms: polylog_log::now_ms(),
+                    snapshot: "true",
+                };
+                let value = envelope(table, "r", Value::Null, after, &src);
+                let key_bytes = serde_json::to_vec(&key).unwrap_or_default();
+                let p = partition_for_key(&key_bytes, self.opts.partitions);
+                let value_bytes = serde_json::to_vec(&value).unwrap_or_default();
+                pending.entry(p).or_default().push(Record::new(key_bytes, value_bytes));
+                pending_n += 1;
+                last_key = Some(
+                    table
+                        .key
+                        .iter()
+                        .map(|&i| {
+                            String::from_utf8_lossy(match raws[i] {
+                                Raw::Text(t) => t,
+                                _ => b"",
+                            })
+                            .into_owned()
+                        })
+                        .collect(),
+                );
+                in_chunk += 1;
+                if pending_n >= PENDING_RECORDS_MAX {
+                    self.append_pending(&topic, &mut pending, &mut ends)?;
+                    pending_n = 0;
+                }
+                Ok(())
+            })?;
+            self.append_pending(&topic, &mut pending, &mut ends)?;
+            pending_n = 0;
+            for (&p, &end) in &ends {
+                self.log.wait_durable(&topic, p, end, DURABLE_TIMEOUT)?;
+            }
+            progress.rows += copied;
+            if last_key.is_some() {
+                progress.last_key = last_key;
+            }
+            let finished = !chunked || in_chunk < self.cfg.snapshot_chunk_rows;
+            progress.done = finished;
+            {
+                let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+                g.0.tables.insert(table.qualified(), progress.clone());
+                g.0.save(&self.state_path())?;
+            }
+            self.set_status(|s| s.snapshot_rows += copied);
+            if finished {
+                break;
+            }
+        }
+        conn.execute("COMMIT")?;
+        Ok(())
+    }
+
+    fn append_pending(
+        &self,
+        topic: &str,
+        pending: &mut BTreeMap<u32, Vec<Record>>,
+        ends: &mut HashMap<u32, u64>,
+    ) -> Result<(), SourceError> {
+        for (&p, batch) in pending.iter_mut() {
+            if batch.is_empty() {
+                continue;
+            }
+            let a = self.log.append(topic, p, batch)?;
+            ends.insert(p, a.last_offset + 1);
+            batch.clear();
+        }
+        Ok(())
+    }
+}
+
+/// A table as the stream knows it: its schema (updated by Relation messages) and topic.
+struct StreamTable {
+    schema: TableSchema,
+    topic: String,
+}
+
+/// The streaming half: decodes pgoutput, writes events, acknowledges durable positions.
+struct Streamer<'a> {
+    src: &'a PostgresSource,
+    by_name: HashMap<String, TableSchema>,
+    relations: HashMap<u32, StreamTable>,
+    conn: Connection,
+    stream: ReplicationStream,
+    conv: Converter,
+    /// Last position each partition holds (loaded on first use), for dropping replays.
+    last_stored: HashMap<(String, u32), Position>,
+    /// Records waiting to be appended, by (topic, partition).
+    pending: BTreeMap<(String, u32), Vec<Record>>,
+    pending_n: usize,
+    /// Offsets to await before the next acknowledgement.
+    unsynced: HashMap<(String, u32), u64>,
+    tx: Option<Tx>,
+    /// End LSN of the last transaction fully written.
+    committed_end: u64,
+    /// Highest LSN safe to acknowledge while no transaction is open (keepalives, heartbeats).
+    idle_lsn: u64,
+    acked: u64,
+    last_status: Instant,
+    last_wal: u64,
+    last_sub: u32,
+}
+
+struct Tx {
+    commit_lsn: u64,
+    xid: u32,
+    commit_time_ms: i64,
+    counts: BTreeMap<String, u64>,
+}
+
+fn raws(v: &[TupleValue]) -> Vec<Raw<'_>> {
+    v.iter()
+        .map(|x| match x {
+            TupleValue::Null => Raw::Null,
+            TupleValue::UnchangedToast => Raw::UnchangedToast,
+            TupleValue::Text(t) | TupleValue::Binary(t) => Raw::Text(t),
+        })
+        .collect()
+}
+
+fn pg_time_to_ms(us: i64) -> i64 {
+    (us + crate::wire::PG_EPOCH_OFFSET_US) / 1000
+}
+
+impl<'a> Streamer<'a> {
+    fn new(
+        src: &'a PostgresSource,
+        tables: Vec<TableSchema>,
+        conn: Connection,
+        stream: ReplicationStream,
+    ) -> Self {
+        Streamer {
+            src,
+            by_name: tables.into_iter().map(|t| (t.qualified(), t)).collect(),
+            relations: HashMap::new(),
+            conn,
+            stream,
+            conv: Converter::new(src.mask_key.clone()),
+            last_stored: HashMap::new(),
+            pending: BTreeMap::new(),
+            pending_n: 0,
+            unsynced: HashMap::new(),
+            tx: None,
+            committed_end: 0,
+            idle_lsn: 0,
+            acked: 0,
+            last_status: Instant::now(),
+            last_wal: 0,
+            last_sub: 0,
+        }
+    }
+
+    fn run(&mut self, stop: &AtomicBool) -> Result<(), SourceError> {
+        let interval = Duration::from_millis(self.src.cfg.status_interval_ms.max(10));
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                // Leave cleanly: what is written becomes durable and acknowledged; an open
+                // transaction is replayed next time and its stored part dropped.
+                self.acknowledge()?;
+                return Ok(());
+            }
+            let mut reply = false;
+            match self.stream.recv(RECV_TIMEOUT)? {
+                Some(ReplicationMessage::XLogData { wal_start, data, .. }) => {
+                    let msg = pgoutput::decode(&data, false)
+                        .map_err(|e| SourceError::Decode(e.to_string()))?;
+                    self.handle(wal_start, msg)?;
+                    self.src.set_status(|s| s.received_lsn = Some(format_lsn(wal_start)));
+                }
+                Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
+                    if self.tx.is_none() {
+                        self.idle_lsn = self.idle_lsn.max(wal_end);
+                    }
+                    reply = reply_requested;
+                }
+                None => {}
+            }
+            if reply || self.last_status.elapsed() >= interval {
+                self.acknowledge()?;
+            }
+        }
+    }
+
+    /// Makes everything written durable, then tells Postgres how far that reaches.
+    fn acknowledge(&mut self) -> Result<(), SourceError> {
+        if self.tx.is_none() {
+            self.flush_pending()?;
+        }
+        for ((topic, p), end) in self.unsynced.drain() {
+            self.src.log.wait_durable(&topic, p, end, DURABLE_TIMEOUT)?;
+        }
+        let mut flushed = self.committed_end;
+        if self.tx.is_none() && self.pending_n == 0 {
+            flushed = flushed.max(self.idle_lsn);
+        }
+        flushed = flushed.max(self.acked);
+        self.stream.send_status(flushed, flushed, flushed, false)?;
+        self.acked = flushed;
+        self.last_status = Instant::now();
+        self.src.set_status(|s| s.flushed_lsn = Some(format_lsn(flushed)));
+        Ok(())
+    }
+
+    fn flush_pending(&mut self) -> Result<(), SourceError> {
+        for ((topic, p), batch) in self.pending.iter_mut() {
+            if batch.is_empty() {
+                continue;
+            }
+            let a = self.src.log.append(topic, *p, batch)?;
+            self.unsynced.insert((topic.clone(), *p), a.last_offset + 1);
+            batch.clear();
+        }
+        self.pending_n = 0;
+        Ok(())
+    }
+
+    /// The last position stored in a partition (read once, then tracked).
+    fn stored(&mut self, topic: &str, p: u32) -> Result<Position, SourceError> {
+        let k = (topic.to_string(), p);
+        if let Some(pos) = self.last_stored.get(&k) {
+            return Ok(*pos);
+        }
+        let end = self.src.log.durable_offset(topic, p)?;
+        let mut pos = Position::default();
+        if end > 0 {
+            let mut r = self.src.log.reader(topic, p, StartAt::Offset(end - 1))?;
+            if let Some(rec) = r.poll(1, Duration::ZERO)?.pop() {
+                pos = Position::from_headers(&rec.headers).unwrap_or_default();
+            }
+        }
+        self.last_stored.insert(k, pos);
+        Ok(pos)
+    }
+
+    /// Queues records for a partition unless the partition already holds `pos`.
+    fn emit(
+        &mut self,
+        topic: &str,
+        key: Option<Vec<u8>>,
+        records: Vec<Record>,
+        pos: Position,
+    ) -> Result<bool, SourceError> {
+        let partitions =
+            if topic == self.src.transaction_topic() || topic == self.src.schema_topic() {
+                1
+            } else {
+                self.src.opts.partitions
+            };
+        let p = key.as_deref().map_or(0, |k| partition_for_key(k, partitions));
+        if pos <= self.stored(topic, p)? {
+            return Ok(false); // already stored before a crash: a replay
+        }
+        self.last_stored.insert((topic.to_string(), p), pos);
+        let header = pos.to_header();
+        let queue = self.pending.entry((topic.to_string(), p)).or_default();
+        for mut r in records {
+            r.headers.push(header.clone());
+            queue.push(r);
+            self.pending_n += 1;
+        }
+        if self.pending_n >= PENDING_RECORDS_MAX {
+            self.flush_pending()?;
+        }
+        Ok(true)
+    }
+
+    fn position(&mut self, wal: u64) -> Position {
+        let commit_lsn = self.tx.as_ref().map_or(wal, |t| t.commit_lsn);
+        if wal == self.last_wal {
+            self.last_sub += 1;
+        } else {
+            self.last_wal = wal;
+            self.last_sub = 0;
+        }
+        Position { commit_lsn, change_lsn: wal, sub: self.last_sub }
+    }
+
+    fn handle(&mut self, wal: u64, msg: Message) -> Result<(), SourceError> {
+        match msg {
+            Message::Begin { final_lsn, commit_time_us, xid } => {
+                self.tx = Some(Tx {
+                    commit_lsn: final_lsn,
+                    xid,
+                    commit_time_ms: pg_time_to_ms(commit_time_us),
+                    counts: BTreeMap::new(),
+                });
+                self.last_wal = 0;
+                self.last_sub = 0;
+                let id = format!("{xid}:{final_lsn}");
+                let value = json!({"status": "BEGIN", "id": id, "event_count": null, "data_collections": null, "ts_ms": pg_time_to_ms(commit_time_us)});
+                let pos = Position { commit_lsn: final_lsn, change_lsn: 0, sub: 0 };
+                self.emit_json(
+                    &self.src.transaction_topic(),
+                    json!({"id": id}),
+                    Some(value),
+                    pos,
+                    false,
+                )?;
+            }
+            Message::Commit { end_lsn, commit_lsn, .. } => {
+                let Some(tx) = self.tx.take() else { return Ok(()) };
+                let id = format!("{}:{}", tx.xid, tx.commit_lsn);
+                let total: u64 = tx.counts.values().sum();
+                let collections: Vec<Value> = tx
+                    .counts
+                    .iter()
+                    .map(|(t, n)| json!({"data_collection": t, "event_count": n}))
+                    .collect();
+                let value = json!({"status": "END", "id": id, "event_count": total, "data_collections": collections, "ts_ms": tx.commit_time_ms});
+                let pos = Position {
+                    commit_lsn: tx.commit_lsn.max(commit_lsn),
+                    change_lsn: u64::MAX,
+                    sub: 0,
+                };
+                self.emit_json(
+                    &self.src.transaction_topic(),
+                    json!({"id": id}),
+                    Some(value),
+                    pos,
+                    false,
+                )?;
+                self.flush_pending()?;
+                self.committed_end = end_lsn;
+                self.idle_lsn = self.idle_lsn.max(end_lsn);
+                self.src.set_status(|s| {
+                    s.transactions += 1;
+                    s.events += total;
+                });
+            }
+            Message::Relation(r) => self.relation(wal, r)?,
+            Message::Insert { relation, new } => {
+                self.row_change(wal, relation, "c", None, Some(new))?
+            }
+            Message::Update { relation, key, old, new } => {
+                let old_image = old.map(|o| (o, false)).or(key.map(|k| (k, true)));
+                self.row_change(wal, relation, "u", old_image, Some(new))?
+            }
+            Message::Delete { relation, key, old } => {
+                let old_image = old.map(|o| (o, false)).or(key.map(|k| (k, true)));
+                self.row_change(wal, relation, "d", old_image, None)?
+            }
+            Message::Truncate { relations, .. } => {
+                for rel in relations {
+                    let Some(t) = self.relations.get(&rel) else { continue };
+                    let (schema, topic) = (t.schema.clone(), t.topic.clone());
+                    let pos = self.position(wal);
+                    let src = self.source_info(wal);
+                    let value = envelope(&schema, "t", Value::Null, Value::Null, &src);
+                    let rec = Record {
+                        key: None,
+                        value: serde_json::to_vec(&value).ok(),
+                        ..Record::default()
+                    };
+                    if self.emit(&topic, None, vec![rec], pos)? {
+                        self.count(&schema);
+                    }
+                }
+            }
+            Message::LogicalMessage { lsn, .. } => {
+                if self.tx.is_none() {
+                    self.idle_lsn = self.idle_lsn.max(lsn);
+                }
+            }
+            Message::Type { .. } | Message::Origin { .. } => {}
+            Message::StreamStart { .. }
+            | Message::StreamStop
+            | Message::StreamCommit { .. }
+            | Message::StreamAbort { .. } => {
+                return Err(SourceError::Decode("streamed transactions were not requested".into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn source_info(&self, wal: u64) -> SourceInfo<'a> {
+        SourceInfo {
+            name: &self.src.name,
+            db: &self.src.params.dbname,
+            lsn: Some(wal),
+            tx_id: self.tx.as_ref().map(|t| t.xid),
+            ts_ms: self.tx.as_ref().map_or(0, |t| t.commit_time_ms),
+            snapshot: "false",
+        }
+    }
+
+    fn count(&mut self, t: &TableSchema) {
+        if let Some(tx) = self.tx.as_mut() {
+            *tx.counts.entry(t.qualified()).or_default() += 1;
+        }
+    }
+
+    fn emit_json(
+        &mut self,
+        topic: &str,
+        key: Value,
+        value: Option<Value>,
+        pos: Position,
+        tombstone: bool,
+    ) -> Result<bool, SourceError> {
+        let key = serde_json::to_vec(&key).unwrap_or_default();
+        let mut records = vec![Record {
+            key: Some(key.clone()),
+            value: value.map(|v| serde_json::to_vec(&v).unwrap_or_default()),
+            ..Record::default()
+        }];
+        if tombstone {
+            records.push(Record::tombstone(key.clone()));
+        }
+        self.emit(topic, Some(key), records, pos)
+    }
+
+    /// A Relation message: the table's current shape. Types the catalog knows better (enums,
+    /// domains) are taken from the discovered schema; a changed shape is recorded in the
+    /// schema history topic.
+    fn relation(&mut self, wal: u64, r: pgoutput::Relation) -> Result<(), SourceError> {
+        let namespace =
+            if r.namespace.is_empty() { "pg_catalog".to_string() } else { r.namespace.clone() };
+        let qualified = format!("{namespace}.{}", r.name);
+        let known = self.by_name.get(&qualified).cloned();
+        let mut columns = Vec::with_capacity(r.columns.len());
+        for c in &r.columns {
+            let prior = known.as_ref().and_then(|k| {
+                k.columns.iter().find(|kc| kc.name == c.name && kc.type_oid == c.type_oid)
+            });
+            let full = format!("{qualified}.{}", c.name);
+            let ty = match prior {
+                Some(p) => p.ty.clone(),
+                None => self.lookup_type(c.type_oid)?,
+            };
+            columns.push(ColumnSchema {
+                name: c.name.clone(),
+                type_oid: c.type_oid,
+                type_name: prior.map_or_else(|| c.type_oid.to_string(), |p| p.type_name.clone()),
+                ty,
+                excluded: self
+                    .src
+                    .cfg
+                    .exclude_columns
+                    .iter()
+                    .any(|p| crate::config::glob_match(p, &full)),
+                masked: self
+                    .src
+                    .cfg
+                    .mask_columns
+                    .iter()
+                    .any(|p| crate::config::glob_match(p, &full)),
+            });
+        }
+        let mut key: Vec<usize> = r
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.flags & 1 == 1)
+            .map(|(i, _)| i)
+            .collect();
+        if let Some(k) = &known {
+            // The primary key, by name, when the table has one (the relation flags the replica
+            // identity, which is every column under REPLICA IDENTITY FULL).
+            let by_name: Vec<usize> = k
+                .key
+                .iter()
+                .filter_map(|&i| columns.iter().position(|c| c.name == k.columns[i].name))
+                .collect();
+            if by_name.len() == k.key.len() {
+                key = by_name;
+            }
+        }
+        let schema = TableSchema {
+            oid: r.oid,
+            schema: namespace.clone(),
+            name: r.name.clone(),
+            replica_identity: r.replica_identity as char,
+            columns,
+            key,
+        };
+        let changed = self.relations.get(&r.oid).is_none_or(|t| t.schema != schema);
+        if changed {
+            let history = json!({
+                "source": self.src.name,
+                "table": qualified,
+                "lsn": wal,
+                "ts_ms": polylog_log::now_ms(),
+                "columns": schema.columns.iter().enumerate().map(|(i, c)| json!({
+                    "name": c.name, "type": c.type_name, "type_oid": c.type_oid, "key": schema.key.contains(&i),
+                    "excluded": c.excluded, "masked": c.masked,
+                })).collect::<Vec<_>>(),
+            });
+            let pos = self.position(wal);
+            self.emit_json(
+                &self.src.schema_topic(),
+                json!({"table": qualified}),
+                Some(history),
+                pos,
+                false,
+            )?;
+        }
+        let topic = self.src.table_topic(&namespace, &r.name);
+        self.by_name.insert(qualified, schema.clone());
+        self.relations.insert(r.oid, StreamTable { schema, topic });
+        Ok(())
+    }
+
+    fn lookup_type(&mut self, oid: u32) -> Result<PgType, SourceError> {
+        let t = PgType::from_oid(oid);
+        if !matches!(t, PgType::Unknown(_)) {
+            return Ok(t);
+        }
+        let rows = self.conn.query(&format!(
+            "SELECT t.typtype, t.typbasetype, COALESCE(e.typtype, ''), COALESCE(e.oid, 0) FROM pg_type t \
+             LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A' WHERE t.oid = {oid}"
+        ))?;
+        let Some(r) = rows.first() else { return Ok(t) };
+        let f = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+        Ok(match (f(0).as_str(), f(2).as_str()) {
+            ("e", _) => PgType::Enum,
+            ("d", _) => PgType::from_oid(f(1).parse().unwrap_or(0)),
+            (_, "e") => PgType::Array(Box::new(PgType::Enum)),
+            _ => match f(3).parse::<u32>().unwrap_or(0) {
+                0 => t,
+                elem => PgType::Array(Box::new(PgType::from_oid(elem))),
+            },
+        })
+    }
+
+    fn row_change(
+        &mut self,
+        wal: u64,
+        relation: u32,
+        op: &str,
+        old: Option<(Vec<TupleValue>, bool)>,
+        new: Option<Vec<TupleValue>>,
+    ) -> Result<(), SourceError> {
+        let Some(t) = self.relations.get(&relation) else {
+            return Err(SourceError::Decode(format!("change for unknown relation {relation}")));
+        };
+        let (table, topic) = (t.schema.clone(), t.topic.clone());
+        let src = self.source_info(wal);
+        let new_raws = new.as_deref().map(raws);
+        let old_raws = old.as_ref().map(|(v, _)| raws(v));
+        let key_of = |conv: &mut Converter, r: &[Raw<'_>]| key_object(conv, &table, r);
+        let image = |conv: &mut Converter, r: &[Raw<'_>], key_only: bool| {
+            row_object(conv, &table, r, key_only.then_some(table.key.as_slice()))
+        };
+        let mut out: Vec<(Value, Option<Value>, bool)> = Vec::new(); // (key, value, tombstone after)
+        let key_only_old = old.as_ref().is_some_and(|(_, k)| *k);
+        match (op, &old_raws, &new_raws) {
+            ("c", _, Some(n)) => {
+                let key = key_of(&mut self.conv, n);
+                let after = image(&mut self.conv, n, false);
+                out.push((key, Some(envelope(&table, "c", Value::Null, after, &src)), false));
+            }
+            ("u", o, Some(n)) => {
+                let new_key = key_of(&mut self.conv, n);
+                let old_key = o.as_ref().map(|o| key_of(&mut self.conv, o));
+                let before =
+                    o.as_ref().map_or(Value::Null, |o| image(&mut self.conv, o, key_only_old));
+                let after = image(&mut self.conv, n, false);
+                match old_key {
+                    // The key changed: a delete (and tombstone) of the old key, then a create.
+                    Some(ok) if ok != new_key => {
+                        out.push((
+                            ok,
+                            Some(envelope(&table, "d", before, Value::Null, &src)),
+                            true,
+                        ));
+                        out.push((
+                            new_key,
+                            Some(envelope(&table, "c", Value::Null, after, &src)),
+                            false,
+                        ));
+                    }
+                    _ => {
+                        out.push((new_key, Some(envelope(&table, "u", before, after, &src)), false))
+                    }
+                }
+            }
+            ("d", Some(o), _) => {
+                let key = key_of(&mut self.conv, o);
+                let before = image(&mut self.conv, o, key_only_old);
+                out.push((key, Some(envelope(&table, "d", before, Value::Null, &src)), true));
+            }
+            _ => return Err(SourceError::Decode(format!("{op} message without the row it needs"))),
+        }
+        for (key, value, tombstone) in out {
+            let pos = self.position(wal);
+            if self.emit_json(&topic, key, value, pos, tombstone)? {
+                self.count(&table);
+            }
+        }
+        Ok(())
+    }
+}

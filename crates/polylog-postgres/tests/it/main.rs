@@ -1,0 +1,4 @@
+//! The Postgres source against a real Postgres 15.
+
+mod stream;
+mod support;
