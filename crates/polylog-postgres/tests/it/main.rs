@@ -1,4 +1,5 @@
 //! The Postgres source against a real Postgres 15.
 
 mod stream;
+mod types;
 mod support;
