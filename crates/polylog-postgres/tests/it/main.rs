@@ -1,5 +1,6 @@
 //! The Postgres source against a real Postgres 15.
 
+mod crash;
 mod stream;
-mod types;
 mod support;
+mod types;

@@ -71,8 +71,13 @@ fn every_type_round_trips_through_snapshot_and_stream() {
     let snap = wait_for(&*log, "app.public.all_types", "the snapshot", |e| e.len() == 2);
     check(&snap, 1, "snapshot");
     src.wait_streaming();
-    pg.psql("app", &format!("INSERT INTO all_types VALUES (3, {VALUES}); INSERT INTO all_types (id) VALUES (4);"))
-        .expect("streamed rows");
+    pg.psql(
+        "app",
+        &format!(
+            "INSERT INTO all_types VALUES (3, {VALUES}); INSERT INTO all_types (id) VALUES (4);"
+        ),
+    )
+    .expect("streamed rows");
     let all = wait_for(&*log, "app.public.all_types", "the streamed rows", |e| e.len() == 4);
     check(&all, 3, "stream");
     src.stop().expect("clean stop");

@@ -1,0 +1,268 @@
+//! Crash tests: the source runs in a child process that is `kill -9`ed at random moments while
+//! Postgres takes a mixed workload; afterwards the topics, folded into table state, equal the
+//! tables, and no position appears twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use polylog_log::{EmbeddedLog, FsyncPolicy, Log, LogOptions};
+use polylog_postgres::event::Position;
+use polylog_postgres::{PostgresSource, SourceOptions};
+use polylog_testkit::PgCluster;
+use serde_json::{json, Value};
+
+use crate::support::{cluster, fold, read_topic, TempDir};
+
+const CHILD_ENV: &str = "POLYLOG_CDC_CHILD";
+
+/// The child's side: runs a source until killed, when started by a crash test.
+#[test]
+fn child_source_for_kill_tests() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else { return };
+    let spec: Value = serde_json::from_str(&spec).expect("child spec");
+    let dir = std::path::PathBuf::from(spec["dir"].as_str().expect("dir"));
+    let o = LogOptions {
+        fsync: FsyncPolicy::Always,
+        maintenance_interval_ms: 0,
+        ..LogOptions::default()
+    };
+    let log: Arc<dyn Log> =
+        Arc::new(EmbeddedLog::open(dir.join("log"), o).expect("child: open log"));
+    let cfg = toml::from_str(spec["config"].as_str().expect("config")).expect("child: config");
+    let opts = SourceOptions {
+        state_dir: dir.join("sources").join("app"),
+        partitions: 3,
+        progress: false,
+    };
+    let src = PostgresSource::new("app", cfg, log, opts).expect("child: source");
+    let stop = AtomicBool::new(false);
+    src.run(&stop).expect("child: source failed");
+}
+
+fn spawn_child(dir: &std::path::Path, config: &str) -> Child {
+    let spec = json!({"dir": dir, "config": config}).to_string();
+    Command::new(std::env::current_exe().expect("test binary"))
+        .args(["crash::child_source_for_kill_tests", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child")
+}
+
+/// `SELECT` of a table as id → {column: value} with the values as text (for comparison with
+/// events, whose JSON values are compared through their text form).
+fn table_state(pg: &PgCluster, table: &str) -> BTreeMap<i64, Value> {
+    let out = pg.psql("app", &format!("SELECT row_to_json(t) FROM {table} t")).expect("select");
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("row json");
+            (v["id"].as_i64().expect("id"), v)
+        })
+        .collect()
+}
+
+fn folded(log: &dyn Log, topic: &str) -> BTreeMap<i64, Value> {
+    fold(&read_topic(log, topic))
+        .into_values()
+        .map(|v| (v["id"].as_i64().expect("id"), v))
+        .collect()
+}
+
+/// No position appears twice in any partition (tombstones share their delete's).
+fn assert_no_duplicates(log: &dyn Log, topic: &str) {
+    let mut last: HashMap<u32, Position> = HashMap::new();
+    let mut seen = 0;
+    for e in read_topic(log, topic) {
+        if e.value.is_null() {
+            continue;
+        }
+        let Some(pos) = Position::from_headers(&e.headers) else { continue }; // snapshot rows
+        assert!(
+            last.get(&e.partition).is_none_or(|l| *l < pos),
+            "{topic}: position {pos:?} repeated or out of order"
+        );
+        last.insert(e.partition, pos);
+        seen += 1;
+    }
+    assert!(seen > 0, "{topic} has streamed events");
+}
+
+/// Waits until the folded topics equal the tables.
+fn wait_converged(pg: &PgCluster, log_dir: &std::path::Path, tables: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let o = LogOptions { maintenance_interval_ms: 0, ..LogOptions::default() };
+        let log = EmbeddedLog::open_read_only(log_dir, o).expect("read log");
+        let diff: Vec<String> = tables
+            .iter()
+            .filter(|t| folded(&log, &format!("app.public.{t}")) != table_state(pg, t))
+            .map(|t| t.to_string())
+            .collect();
+        if diff.is_empty() {
+            for t in tables {
+                assert_no_duplicates(&log, &format!("app.public.{t}"));
+            }
+            return;
+        }
+        if Instant::now() > deadline {
+            let t = diff[0].clone();
+            let (want, got) = (table_state(pg, &t), folded(&log, &format!("app.public.{t}")));
+            let missing: Vec<_> =
+                want.keys().filter(|k| got.get(k) != want.get(k)).take(5).collect();
+            let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(k)).take(5).collect();
+            panic!("{diff:?} never converged; in {t}: {} rows vs {} folded; wrong or missing {missing:?}, extra {extra:?}", want.len(), got.len());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn kill_9_at_random_loses_and_duplicates_nothing() {
+    let pg = cluster();
+    pg.psql(
+        "app",
+        "CREATE TABLE t1 (id int PRIMARY KEY, v int, pad text);
+         CREATE TABLE t2 (id bigint PRIMARY KEY, name text);
+         CREATE TABLE excluded (id int PRIMARY KEY);
+         INSERT INTO t1 SELECT g, g, 'seed' FROM generate_series(1, 500) g;",
+    )
+    .expect("schema");
+    let dir = TempDir::new("crash");
+    let config = format!(
+        "url = \"{}\"\nstatus_interval_ms = 50\nexclude_tables = [\"public.excluded\"]\n",
+        pg.url("app")
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let workload = {
+        let (done, url) = (Arc::clone(&done), pg.port());
+        let pg_bin = pg.bin_dir().to_path_buf();
+        std::thread::spawn(move || {
+            let psql = |sql: &str| {
+                let ok = Command::new(pg_bin.join("psql"))
+                    .args([
+                        "-X",
+                        "-q",
+                        "-v",
+                        "ON_ERROR_STOP=1",
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &url.to_string(),
+                        "-U",
+                        "postgres",
+                        "-d",
+                        "app",
+                        "-c",
+                        sql,
+                    ])
+                    .stdout(Stdio::null())
+                    .status()
+                    .expect("psql")
+                    .success();
+                assert!(ok, "workload statement failed: {sql}");
+            };
+            let mut next = 1000;
+            for round in 0..60 {
+                match round % 6 {
+                    0 => psql(&format!("INSERT INTO t1 SELECT g, g, 'multi' FROM generate_series({next}, {}) g", next + 200)),
+                    1 => psql(&format!("UPDATE t1 SET v = v + 1, pad = 'u{round}' WHERE id % 7 = {}", round % 7)),
+                    2 => psql(&format!("BEGIN; DELETE FROM t1 WHERE id % 11 = {}; INSERT INTO t2 VALUES ({next}, 'x'); COMMIT", round % 11)),
+                    3 => psql(&format!("INSERT INTO excluded SELECT g FROM generate_series({next}, {}) g", next + 100)),
+                    4 => psql(&format!("UPDATE t2 SET name = name || '{round}'; UPDATE t1 SET id = id + 100000 WHERE id = {}", next - 1000 + 5)),
+                    _ if round == 35 => psql(&format!(
+                        "BEGIN; INSERT INTO t1 SELECT g, 0, repeat('L', 100) FROM generate_series({next}, {}) g; \
+                         UPDATE t1 SET v = -1 WHERE id >= {next}; COMMIT",
+                        next + 30_000
+                    )),
+                    _ => psql(&format!("COPY t2 (id) FROM PROGRAM 'seq {next} {}'", next + 150)),
+                }
+                next += 40_000;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut rng = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
+    let mut kills = 0;
+    while kills < 30 || !(done.load(Ordering::SeqCst) || workload.is_finished()) {
+        let mut child = spawn_child(&dir.0, &config);
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(150 + rng % 600));
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+        kills += 1;
+    }
+    workload.join().expect("workload");
+    // A last run, left to catch up.
+    let mut child = spawn_child(&dir.0, &config);
+    wait_converged(&pg, &dir.0.join("log"), &["t1", "t2"]);
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    eprintln!("crash test: {kills} kills");
+}
+
+#[test]
+fn a_killed_snapshot_resumes_from_its_last_chunk() {
+    let pg = cluster();
+    pg.psql("app", "CREATE TABLE big (id int PRIMARY KEY, pad text); INSERT INTO big SELECT g, repeat('p', 200) FROM generate_series(1, 200000) g;")
+        .expect("schema");
+    let dir = TempDir::new("snapcrash");
+    let config = format!("url = \"{}\"\nsnapshot_chunk_rows = 5000\n", pg.url("app"));
+    let state_path = dir.0.join("sources").join("app").join("state.json");
+    let mut child = spawn_child(&dir.0, &config);
+    // Kill it once some chunks are stored, but before the end.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rows_done = |p: &std::path::Path| -> u64 {
+        std::fs::read(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .map_or(0, |v| v["tables"]["public.big"]["rows"].as_u64().unwrap_or(0))
+    };
+    while rows_done(&state_path) < 20_000 {
+        assert!(Instant::now() < deadline, "the snapshot made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("reap");
+    let at_kill = rows_done(&state_path);
+    assert!(at_kill < 200_000, "killed before the end ({at_kill} rows stored)");
+    let mut child = spawn_child(&dir.0, &config);
+    wait_converged_snapshot(&dir.0, 200_000);
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    let o = LogOptions { maintenance_interval_ms: 0, ..LogOptions::default() };
+    let log = EmbeddedLog::open_read_only(dir.0.join("log"), o).expect("read log");
+    let events = read_topic(&log, "app.public.big");
+    // Resumed, not restarted: at most the chunk in flight at the kill is read twice.
+    assert!(
+        events.len() <= 200_000 + 5_000 * 2,
+        "{} snapshot events for 200000 rows",
+        events.len()
+    );
+    assert_eq!(fold(&events).len(), 200_000);
+}
+
+fn wait_converged_snapshot(dir: &std::path::Path, rows: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let state =
+            std::fs::read(dir.join("sources").join("app").join("state.json")).unwrap_or_default();
+        let v: Value = serde_json::from_slice(&state).unwrap_or_default();
+        if v["snapshot"] == "done" {
+            let o = LogOptions { maintenance_interval_ms: 0, ..LogOptions::default() };
+            let log = EmbeddedLog::open_read_only(dir.join("log"), o).expect("read log");
+            let n = fold(&read_topic(&log, "app.public.big")).len();
+            assert_eq!(n, rows);
+            return;
+        }
+        assert!(Instant::now() < deadline, "the snapshot never finished: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
