@@ -6,6 +6,7 @@
 //! cargo run --release -p polylog-bench -- <scenario> [--quick] [--dir DIR] [options]
 //! ```
 
+mod cdc;
 mod log_append;
 
 use std::path::PathBuf;
@@ -31,11 +32,22 @@ impl Opts {
     }
 }
 
-const SCENARIOS: &[(&str, &str)] = &[(
-    "log_append",
-    "records/s appending 200-byte records in fsync'ed batches, vs write+fsync of the same bytes \
-     (options: --records N, --batch N)",
-)];
+const SCENARIOS: &[(&str, &str)] = &[
+    (
+        "log_append",
+        "records/s appending 200-byte records in fsync'ed batches, vs write+fsync of the same bytes \
+         (options: --records N, --batch N)",
+    ),
+    (
+        "cdc_stream",
+        "changes/s draining a backlog of updates into the log, vs pg_recvlogical to /dev/null \
+         (options: --rows N, --rounds N)",
+    ),
+    (
+        "cdc_snapshot",
+        "rows/s snapshotting a table into the log, vs psql \\copy to /dev/null (options: --rows N)",
+    ),
+];
 
 fn usage() -> String {
     let mut s = String::from(
@@ -79,6 +91,8 @@ fn main() -> ExitCode {
     }
     let result = match scenario.as_str() {
         "log_append" => log_append::run(&opts),
+        "cdc_stream" => cdc::stream(&opts),
+        "cdc_snapshot" => cdc::snapshot(&opts),
         other => Err(format!("unknown scenario {other:?}\n{}", usage())),
     };
     match result {

@@ -1,7 +1,7 @@
 //! Change events: Debezium's envelope, keys, the ordering position carried in headers, and the
 //! conversion of row images to JSON.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::schema::TableSchema;
 use crate::types::{text_to_json, PgType};
@@ -60,23 +60,51 @@ impl Converter {
         Converter { mask_key, warned: Default::default() }
     }
 
-    /// One value. A value that does not parse as its type is passed as text with a warning:
-    /// capture never stops on a value.
-    pub fn value(&mut self, ty: &PgType, type_oid: u32, masked: bool, raw: Raw<'_>) -> Value {
+    /// Writes one value as JSON. A value that does not parse as its type is passed as text
+    /// with a warning: capture never stops on a value.
+    pub fn write_value(
+        &mut self,
+        out: &mut Vec<u8>,
+        ty: &PgType,
+        type_oid: u32,
+        masked: bool,
+        raw: Raw<'_>,
+    ) {
         let text = match raw {
-            Raw::Null => return Value::Null,
-            Raw::UnchangedToast => return Value::String(UNAVAILABLE_VALUE.into()),
+            Raw::Null => return out.extend_from_slice(b"null"),
+            Raw::UnchangedToast => return write_str(out, UNAVAILABLE_VALUE.as_bytes()),
             Raw::Text(t) => t,
         };
         if masked {
-            return Value::String(self.mask(text));
+            return write_str(out, self.mask(text).as_bytes());
         }
-        if let PgType::Unknown(oid) = ty {
-            if self.warned.insert(*oid) {
+        // Fast paths for the common types, byte-identical to the general conversion.
+        match ty {
+            PgType::Int2 | PgType::Int4 | PgType::Int8 | PgType::Oid if is_integer(text) => {
+                return out.extend_from_slice(text)
+            }
+            PgType::Bool if text == b"t" || text == b"f" => {
+                return out.extend_from_slice(if text == b"t" { b"true" } else { b"false" })
+            }
+            PgType::Text
+            | PgType::Enum
+            | PgType::Uuid
+            | PgType::Inet
+            | PgType::Cidr
+            | PgType::MacAddr
+                if std::str::from_utf8(text).is_ok() =>
+            {
+                return write_str(out, text)
+            }
+            PgType::Numeric if text.iter().all(|b| b.is_ascii_digit() || b"-+.eE".contains(b)) => {
+                return write_str(out, text)
+            }
+            PgType::Unknown(oid) if self.warned.insert(*oid) => {
                 eprintln!("polylog: warning: type oid {oid} is not known to polylog; its values are passed as text");
             }
+            _ => {}
         }
-        match text_to_json(ty, text) {
+        let v = match text_to_json(ty, text) {
             Ok(v) => v,
             Err(e) => {
                 if self.warned.insert(type_oid) {
@@ -84,7 +112,9 @@ impl Converter {
                 }
                 Value::String(String::from_utf8_lossy(text).into_owned())
             }
-        }
+        };
+        // Writing a Value to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &v);
     }
 
     fn mask(&self, text: &[u8]) -> String {
@@ -100,26 +130,72 @@ impl Converter {
     }
 }
 
-/// A row image as a JSON object of the table's captured columns, in column order.
+fn is_integer(t: &[u8]) -> bool {
+    let digits = t.strip_prefix(b"-").unwrap_or(t);
+    !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits == b"0" || digits[0] != b'0')
+}
+
+/// Writes `s` (UTF-8) as a JSON string.
+pub fn write_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    let mut start = 0;
+    for (i, &b) in s.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => {
+                out.extend_from_slice(&s[start..i]);
+                out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&s[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&s[start..]);
+    out.push(b'"');
+}
+
+/// A row image as a JSON object of the table's captured columns (all, or `only` these), in
+/// column order.
 pub fn row_object(
     conv: &mut Converter,
     table: &TableSchema,
     values: &[Raw<'_>],
     only: Option<&[usize]>,
-) -> Value {
-    let mut m = Map::new();
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 * table.columns.len());
+    out.push(b'{');
+    let mut first = true;
     for (i, c) in table.columns.iter().enumerate() {
         if c.excluded || only.is_some_and(|o| !o.contains(&i)) {
             continue;
         }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        write_str(&mut out, c.name.as_bytes());
+        out.push(b':');
         let raw = values.get(i).copied().unwrap_or(Raw::Null);
-        m.insert(c.name.clone(), conv.value(&c.ty, c.type_oid, c.masked, raw));
+        conv.write_value(&mut out, &c.ty, c.type_oid, c.masked, raw);
     }
-    Value::Object(m)
+    out.push(b'}');
+    out
 }
 
 /// The key of a row: its key columns as a JSON object.
-pub fn key_object(conv: &mut Converter, table: &TableSchema, values: &[Raw<'_>]) -> Value {
+pub fn key_object(conv: &mut Converter, table: &TableSchema, values: &[Raw<'_>]) -> Vec<u8> {
     row_object(conv, table, values, Some(&table.key))
 }
 
@@ -134,31 +210,49 @@ pub struct SourceInfo<'a> {
     pub snapshot: &'a str,
 }
 
-/// A change event value in Debezium's envelope.
+/// A change event value in Debezium's envelope; `before`/`after` are JSON objects or `None`
+/// for null.
 pub fn envelope(
     table: &TableSchema,
     op: &str,
-    before: Value,
-    after: Value,
+    before: Option<&[u8]>,
+    after: Option<&[u8]>,
     src: &SourceInfo<'_>,
-) -> Value {
-    serde_json::json!({
-        "before": before,
-        "after": after,
-        "op": op,
-        "ts_ms": polylog_log::now_ms(),
-        "source": {
-            "connector": "postgresql",
-            "name": src.name,
-            "db": src.db,
-            "schema": table.schema,
-            "table": table.name,
-            "lsn": src.lsn,
-            "txId": src.tx_id,
-            "ts_ms": src.ts_ms,
-            "snapshot": src.snapshot,
-        }
-    })
+) -> Vec<u8> {
+    let image_len = before.map_or(4, <[u8]>::len) + after.map_or(4, <[u8]>::len);
+    let mut out = Vec::with_capacity(image_len + 256);
+    let opt = |out: &mut Vec<u8>, v: Option<&[u8]>| out.extend_from_slice(v.unwrap_or(b"null"));
+    let num = |out: &mut Vec<u8>, v: Option<String>| {
+        out.extend_from_slice(v.as_deref().unwrap_or("null").as_bytes())
+    };
+    out.extend_from_slice(b"{\"before\":");
+    opt(&mut out, before);
+    out.extend_from_slice(b",\"after\":");
+    opt(&mut out, after);
+    out.extend_from_slice(b",\"op\":");
+    write_str(&mut out, op.as_bytes());
+    out.extend_from_slice(
+        format!(
+            ",\"ts_ms\":{},\"source\":{{\"connector\":\"postgresql\",\"name\":",
+            polylog_log::now_ms()
+        )
+        .as_bytes(),
+    );
+    write_str(&mut out, src.name.as_bytes());
+    out.extend_from_slice(b",\"db\":");
+    write_str(&mut out, src.db.as_bytes());
+    out.extend_from_slice(b",\"schema\":");
+    write_str(&mut out, table.schema.as_bytes());
+    out.extend_from_slice(b",\"table\":");
+    write_str(&mut out, table.name.as_bytes());
+    out.extend_from_slice(b",\"lsn\":");
+    num(&mut out, src.lsn.map(|l| l.to_string()));
+    out.extend_from_slice(b",\"txId\":");
+    num(&mut out, src.tx_id.map(|t| t.to_string()));
+    out.extend_from_slice(format!(",\"ts_ms\":{},\"snapshot\":", src.ts_ms).as_bytes());
+    write_str(&mut out, src.snapshot.as_bytes());
+    out.extend_from_slice(b"}}");
+    out
 }
 
 /// Splits one row of `COPY ... TO STDOUT` text format into raw column values (`\N` is null;
@@ -235,6 +329,16 @@ mod tests {
                 Some(&b""[..])
             ]
         );
+    }
+
+    #[test]
+    fn json_strings_escape_like_serde() {
+        for s in ["plain", "tab\there \"q\" back\\slash\nnew ünï", "\u{1}\u{1f}\u{7f}", ""] {
+            let mut out = Vec::new();
+            write_str(&mut out, s.as_bytes());
+            let back: String = serde_json::from_slice(&out).expect("valid JSON");
+            assert_eq!(back, s);
+        }
     }
 
     #[test]

@@ -217,6 +217,17 @@ impl PostgresSource {
             {
                 *lsn
             }
+            // Without a snapshot, a slot that exists (created by hand, say) is streamed from
+            // where it stands rather than replaced: replacing it would skip its backlog.
+            (Some((lsn, _)), _) if self.cfg.snapshot == SnapshotMode::Never => {
+                state = SourceState {
+                    slot: Some(self.slot.clone()),
+                    snapshot: SnapshotStatus::Skipped,
+                    ..SourceState::default()
+                };
+                state.save(&self.state_path())?;
+                *lsn
+            }
             // A new slot: with `always`, on every start; otherwise when there is none that we
             // know to have streamed from.
             (existing, _) => {
@@ -492,7 +503,7 @@ impl PostgresSource {
                 for ((i, _), v) in columns.iter().zip(&row) {
                     raws[*i] = v.as_deref().map_or(Raw::Null, Raw::Text);
                 }
-                let key = key_object(&mut conv, table, &raws);
+                let key_bytes = key_object(&mut conv, table, &raws);
                 let after = row_object(&mut conv, table, &raws, None);
                 let src = SourceInfo {
                     name: &self.name,
@@ -502,10 +513,8 @@ impl PostgresSource {
                     ts_ms: polylog_log::now_ms(),
                     snapshot: "true",
                 };
-                let value = envelope(table, "r", Value::Null, after, &src);
-                let key_bytes = serde_json::to_vec(&key).unwrap_or_default();
+                let value_bytes = envelope(table, "r", None, Some(&after), &src);
                 let p = partition_for_key(&key_bytes, self.opts.partitions);
-                let value_bytes = serde_json::to_vec(&value).unwrap_or_default();
                 pending.entry(p).or_default().push(Record::new(key_bytes, value_bytes));
                 pending_n += 1;
                 last_key = Some(
@@ -791,13 +800,7 @@ impl<'a> Streamer<'a> {
                 let id = format!("{xid}:{final_lsn}");
                 let value = json!({"status": "BEGIN", "id": id, "event_count": null, "data_collections": null, "ts_ms": pg_time_to_ms(commit_time_us)});
                 let pos = Position { commit_lsn: final_lsn, change_lsn: 0, sub: 0 };
-                self.emit_json(
-                    &self.src.transaction_topic(),
-                    json!({"id": id}),
-                    Some(value),
-                    pos,
-                    false,
-                )?;
+                self.emit_json(&self.src.transaction_topic(), json!({"id": id}), Some(value), pos)?;
             }
             Message::Commit { end_lsn, commit_lsn, .. } => {
                 let Some(tx) = self.tx.take() else { return Ok(()) };
@@ -814,13 +817,7 @@ impl<'a> Streamer<'a> {
                     change_lsn: u64::MAX,
                     sub: 0,
                 };
-                self.emit_json(
-                    &self.src.transaction_topic(),
-                    json!({"id": id}),
-                    Some(value),
-                    pos,
-                    false,
-                )?;
+                self.emit_json(&self.src.transaction_topic(), json!({"id": id}), Some(value), pos)?;
                 self.flush_pending()?;
                 self.committed_end = end_lsn;
                 self.idle_lsn = self.idle_lsn.max(end_lsn);
@@ -847,12 +844,8 @@ impl<'a> Streamer<'a> {
                     let (schema, topic) = (t.schema.clone(), t.topic.clone());
                     let pos = self.position(wal);
                     let src = self.source_info(wal);
-                    let value = envelope(&schema, "t", Value::Null, Value::Null, &src);
-                    let rec = Record {
-                        key: None,
-                        value: serde_json::to_vec(&value).ok(),
-                        ..Record::default()
-                    };
+                    let value = envelope(&schema, "t", None, None, &src);
+                    let rec = Record { key: None, value: Some(value), ..Record::default() };
                     if self.emit(&topic, None, vec![rec], pos)? {
                         self.count(&schema);
                     }
@@ -897,14 +890,20 @@ impl<'a> Streamer<'a> {
         key: Value,
         value: Option<Value>,
         pos: Position,
+    ) -> Result<bool, SourceError> {
+        let value = value.map(|v| serde_json::to_vec(&v).unwrap_or_default());
+        self.emit_bytes(topic, serde_json::to_vec(&key).unwrap_or_default(), value, pos, false)
+    }
+
+    fn emit_bytes(
+        &mut self,
+        topic: &str,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        pos: Position,
         tombstone: bool,
     ) -> Result<bool, SourceError> {
-        let key = serde_json::to_vec(&key).unwrap_or_default();
-        let mut records = vec![Record {
-            key: Some(key.clone()),
-            value: value.map(|v| serde_json::to_vec(&v).unwrap_or_default()),
-            ..Record::default()
-        }];
+        let mut records = vec![Record { key: Some(key.clone()), value, ..Record::default() }];
         if tombstone {
             records.push(Record::tombstone(key.clone()));
         }
@@ -993,7 +992,6 @@ impl<'a> Streamer<'a> {
                 json!({"table": qualified}),
                 Some(history),
                 pos,
-                false,
             )?;
         }
         let topic = self.src.table_topic(&namespace, &r.name);
@@ -1043,49 +1041,42 @@ impl<'a> Streamer<'a> {
         let image = |conv: &mut Converter, r: &[Raw<'_>], key_only: bool| {
             row_object(conv, &table, r, key_only.then_some(table.key.as_slice()))
         };
-        let mut out: Vec<(Value, Option<Value>, bool)> = Vec::new(); // (key, value, tombstone after)
+        // (key, value, tombstone after)
+        let mut out: Vec<(Vec<u8>, Vec<u8>, bool)> = Vec::new();
         let key_only_old = old.as_ref().is_some_and(|(_, k)| *k);
         match (op, &old_raws, &new_raws) {
             ("c", _, Some(n)) => {
                 let key = key_of(&mut self.conv, n);
                 let after = image(&mut self.conv, n, false);
-                out.push((key, Some(envelope(&table, "c", Value::Null, after, &src)), false));
+                out.push((key, envelope(&table, "c", None, Some(&after), &src), false));
             }
             ("u", o, Some(n)) => {
                 let new_key = key_of(&mut self.conv, n);
                 let old_key = o.as_ref().map(|o| key_of(&mut self.conv, o));
-                let before =
-                    o.as_ref().map_or(Value::Null, |o| image(&mut self.conv, o, key_only_old));
+                let before = o.as_ref().map(|o| image(&mut self.conv, o, key_only_old));
                 let after = image(&mut self.conv, n, false);
                 match old_key {
                     // The key changed: a delete (and tombstone) of the old key, then a create.
                     Some(ok) if ok != new_key => {
-                        out.push((
-                            ok,
-                            Some(envelope(&table, "d", before, Value::Null, &src)),
-                            true,
-                        ));
-                        out.push((
-                            new_key,
-                            Some(envelope(&table, "c", Value::Null, after, &src)),
-                            false,
-                        ));
+                        out.push((ok, envelope(&table, "d", before.as_deref(), None, &src), true));
+                        out.push((new_key, envelope(&table, "c", None, Some(&after), &src), false));
                     }
                     _ => {
-                        out.push((new_key, Some(envelope(&table, "u", before, after, &src)), false))
+                        let value = envelope(&table, "u", before.as_deref(), Some(&after), &src);
+                        out.push((new_key, value, false))
                     }
                 }
             }
             ("d", Some(o), _) => {
                 let key = key_of(&mut self.conv, o);
                 let before = image(&mut self.conv, o, key_only_old);
-                out.push((key, Some(envelope(&table, "d", before, Value::Null, &src)), true));
+                out.push((key, envelope(&table, "d", Some(&before), None, &src), true));
             }
             _ => return Err(SourceError::Decode(format!("{op} message without the row it needs"))),
         }
         for (key, value, tombstone) in out {
             let pos = self.position(wal);
-            if self.emit_json(&topic, key, value, pos, tombstone)? {
+            if self.emit_bytes(&topic, key, Some(value), pos, tombstone)? {
                 self.count(&table);
             }
         }
