@@ -165,6 +165,14 @@ impl PostgresSource {
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
+                // Asked to stop while retrying: that is a clean stop.
+                Err(e) if e.is_retryable() => {
+                    self.set_status(|s| {
+                        s.state = "stopped".into();
+                        s.last_error = Some(e.to_string());
+                    });
+                    return Ok(());
+                }
                 Err(e) => {
                     self.set_status(|s| {
                         s.state = "failed".into();

@@ -93,24 +93,37 @@ pub struct PgCluster {
     port: u16,
     as_postgres: bool,
     running: bool,
+    settings: String,
 }
 
 impl PgCluster {
     /// Starts a cluster with the binaries [`find_pg_bin`] finds.
     pub fn start() -> Result<PgCluster> {
-        Self::start_with(find_pg_bin(None)?)
+        Self::start_with(find_pg_bin(None)?, "")
+    }
+
+    /// Starts a cluster whose `postgresql.conf` ends with `settings` (which override ours,
+    /// e.g. `wal_level = replica`).
+    pub fn start_with_settings(settings: &str) -> Result<PgCluster> {
+        Self::start_with(find_pg_bin(None)?, settings)
     }
 
     /// Starts a cluster with the binaries in `bin`.
-    pub fn start_with(bin: PathBuf) -> Result<PgCluster> {
+    pub fn start_with(bin: PathBuf, settings: &str) -> Result<PgCluster> {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
         let root = std::env::temp_dir().join(format!("polylog-pg-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)
             .map_err(|e| TestkitError(format!("creating {}: {e}", root.display())))?;
-        let mut c =
-            PgCluster { root, bin, port: 0, as_postgres: running_as_root(), running: false };
+        let mut c = PgCluster {
+            root,
+            bin,
+            port: 0,
+            as_postgres: running_as_root(),
+            running: false,
+            settings: settings.to_string(),
+        };
         if c.as_postgres {
             run(Command::new("chown").arg("postgres:").arg(&c.root), "chown to the postgres user")?;
         }
@@ -150,9 +163,10 @@ impl PgCluster {
         let conf = format!(
             "\n# polylog-testkit\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              wal_level = logical\nmax_replication_slots = 32\nmax_wal_senders = 32\n\
-             fsync = off\nfull_page_writes = off\n",
+             fsync = off\nfull_page_writes = off\n{}\n",
             self.port,
-            self.root.display()
+            self.root.display(),
+            self.settings
         );
         std::fs::write(self.data_dir().join("polylog-testkit.conf"), conf)
             .map_err(|e| TestkitError(format!("writing the server config: {e}")))?;
@@ -228,6 +242,16 @@ impl PgCluster {
             &format!("psql on {db}"),
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+    }
+
+    /// Puts `lines` at the top of `pg_hba.conf` (so they win over the trust rules below) and
+    /// reloads the configuration.
+    pub fn prepend_hba(&self, lines: &str) -> Result<()> {
+        let path = self.data_dir().join("pg_hba.conf");
+        let old = std::fs::read_to_string(&path).map_err(|e| TestkitError(e.to_string()))?;
+        std::fs::write(&path, format!("{lines}\n{old}"))
+            .map_err(|e| TestkitError(e.to_string()))?;
+        self.psql("postgres", "SELECT pg_reload_conf()").map(|_| ())
     }
 
     /// Creates a database.

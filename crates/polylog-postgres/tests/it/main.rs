@@ -1,5 +1,6 @@
 //! The Postgres source against a real Postgres 15.
 
+mod bad_input;
 mod crash;
 mod stream;
 mod support;
