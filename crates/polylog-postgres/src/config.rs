@@ -58,6 +58,11 @@ pub struct PostgresSourceConfig {
     /// How often Postgres is told what is durably stored (ms).
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
+    /// While no captured change arrives, how often a heartbeat message is written to the WAL
+    /// (`pg_logical_emit_message`) so the slot keeps advancing past other tables' changes
+    /// (ms; 0 turns heartbeats off).
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
 }
 
 fn default_tables() -> Vec<String> {
@@ -74,6 +79,9 @@ fn default_snapshot_parallelism() -> usize {
 }
 fn default_status_interval_ms() -> u64 {
     1000
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    10_000
 }
 
 /// `*` glob match, for table and column patterns.

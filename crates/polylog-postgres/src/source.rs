@@ -616,6 +616,9 @@ struct Streamer<'a> {
     idle_lsn: u64,
     acked: u64,
     last_status: Instant,
+    /// When the last captured message or heartbeat arrived.
+    last_activity: Instant,
+    heartbeat_failed: bool,
     last_wal: u64,
     last_sub: u32,
 }
@@ -664,6 +667,8 @@ impl<'a> Streamer<'a> {
             idle_lsn: 0,
             acked: 0,
             last_status: Instant::now(),
+            last_activity: Instant::now(),
+            heartbeat_failed: false,
             last_wal: 0,
             last_sub: 0,
         }
@@ -681,6 +686,7 @@ impl<'a> Streamer<'a> {
             let mut reply = false;
             match self.stream.recv(RECV_TIMEOUT)? {
                 Some(ReplicationMessage::XLogData { wal_start, data, .. }) => {
+                    self.last_activity = Instant::now();
                     let msg = pgoutput::decode(&data, false)
                         .map_err(|e| SourceError::Decode(e.to_string()))?;
                     self.handle(wal_start, msg)?;
@@ -697,6 +703,33 @@ impl<'a> Streamer<'a> {
             if reply || self.last_status.elapsed() >= interval {
                 self.acknowledge()?;
             }
+            self.heartbeat()?;
+        }
+    }
+
+    /// Writes a heartbeat into the WAL when nothing captured has arrived for a while: other
+    /// tables' (or databases') changes otherwise hold the slot back and WAL piles up. The
+    /// message comes back through the stream, and its position is acknowledged.
+    fn heartbeat(&mut self) -> Result<(), SourceError> {
+        let every = self.src.cfg.heartbeat_interval_ms;
+        if every == 0
+            || self.tx.is_some()
+            || self.last_activity.elapsed() < Duration::from_millis(every)
+        {
+            return Ok(());
+        }
+        self.last_activity = Instant::now();
+        match self.conn.execute("SELECT pg_logical_emit_message(false, 'polylog-heartbeat', '')") {
+            Ok(()) => Ok(()),
+            Err(e) if e.code().is_some() => {
+                // A privilege problem is worth one warning, not a stop.
+                if !self.heartbeat_failed {
+                    eprintln!("polylog: source {}: heartbeats disabled: {e}", self.src.name);
+                    self.heartbeat_failed = true;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod crash;
+mod slot;
 mod stream;
 mod support;
 mod types;

@@ -1,0 +1,73 @@
+//! The slot: kept moving while captured tables are quiet; a lost slot is a loud error.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{cluster, config, open_log, wait_for, Running, TempDir};
+
+fn lsn(s: &str) -> u64 {
+    polylog_postgres::pgoutput::parse_lsn(s.trim()).expect("an LSN")
+}
+
+#[test]
+fn heartbeats_advance_the_slot_while_other_tables_churn() {
+    let pg = cluster();
+    pg.psql(
+        "app",
+        "CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id int PRIMARY KEY, pad text)",
+    )
+    .expect("schema");
+    pg.create_database("other").expect("another database");
+    pg.psql("other", "CREATE TABLE busy (id int PRIMARY KEY, pad text)").expect("schema");
+    let dir = TempDir::new("heartbeat");
+    let cfg = config(&pg, "tables = [\"public.quiet\"]\nheartbeat_interval_ms = 200");
+    let src = Running::start("app", cfg, open_log(&dir.0), &dir.0);
+    src.wait_streaming();
+    for i in 0..50 {
+        // Churn in a table the source does not capture, and in another database.
+        let db = if i % 2 == 0 { "app" } else { "other" };
+        pg.psql(
+            db,
+            &format!(
+                "INSERT INTO busy SELECT g, repeat('x', 500) FROM generate_series({}, {}) g",
+                i * 100,
+                i * 100 + 99
+            ),
+        )
+        .expect("churn");
+    }
+    let target = lsn(&pg.psql("app", "SELECT pg_current_wal_lsn()").expect("lsn"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let confirmed = pg
+            .psql("app", "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'polylog_app'")
+            .expect("slot");
+        if lsn(&confirmed) >= target {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot stays at {confirmed} behind {target:X}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    src.stop().expect("clean stop");
+}
+
+#[test]
+fn a_dropped_slot_is_a_loud_error_asking_for_a_new_snapshot() {
+    let pg = cluster();
+    pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .expect("schema");
+    let dir = TempDir::new("dropped");
+    let log = open_log(&dir.0);
+    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    wait_for(&*log, "app.public.t", "the snapshot", |e| e.len() == 1);
+    src.wait_streaming();
+    // Kick the source off its slot and drop the slot before it reconnects.
+    pg.psql(
+        "app",
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'polylog_app';
+         SELECT pg_sleep(0.1);
+         SELECT pg_drop_replication_slot('polylog_app');",
+    )
+    .expect("drop the slot");
+    let err = src.wait_failure(Duration::from_secs(30)).to_string();
+    assert!(err.contains("\"polylog_app\" was dropped") && err.contains("new snapshot"), "{err}");
+}
