@@ -9,6 +9,7 @@ pub mod pgoutput;
 pub mod schema;
 pub mod source;
 pub mod state;
+pub mod tls;
 pub mod types;
 pub mod wire;
 

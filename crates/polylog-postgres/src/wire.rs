@@ -40,8 +40,8 @@ pub enum PgError {
     },
     #[error("unexpected message from the server: {0}")]
     Protocol(String),
-    #[error("{0}")]
-    Unsupported(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl PgError {
@@ -87,6 +87,8 @@ pub struct ConnectParams {
     pub password: Option<String>,
     pub dbname: String,
     pub sslmode: SslMode,
+    /// CA certificates (PEM) to verify the server with (`verify-ca`, `verify-full`).
+    pub sslrootcert: Option<std::path::PathBuf>,
     pub application_name: String,
 }
 
@@ -165,6 +167,7 @@ impl ConnectParams {
             password: password.or_else(|| std::env::var("PGPASSWORD").ok()),
             dbname: String::new(),
             sslmode: SslMode::Prefer,
+            sslrootcert: None,
             application_name: "polylog".into(),
         };
         p.dbname = if path.is_empty() { p.user.clone() } else { percent_decode(path)? };
@@ -183,6 +186,7 @@ impl ConnectParams {
                     }
                 }
                 "application_name" => p.application_name = v,
+                "sslrootcert" => p.sslrootcert = Some(v.into()),
                 "user" => p.user = v,
                 "password" => p.password = Some(v),
                 "host" => p.host = v,
@@ -199,12 +203,87 @@ impl ConnectParams {
     }
 }
 
+/// The connection's byte stream: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// Asks the server for TLS (`SSLRequest`) and, if it agrees, completes the handshake.
+fn negotiate_tls(mut sock: TcpStream, p: &ConnectParams) -> Result<Stream, PgError> {
+    if p.sslmode == SslMode::Disable {
+        return Ok(Stream::Plain(sock));
+    }
+    sock.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])?;
+    let mut answer = [0u8; 1];
+    sock.read_exact(&mut answer)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if p.sslmode == SslMode::Prefer => return Ok(Stream::Plain(sock)),
+        b'N' => {
+            return Err(PgError::Tls(format!(
+                "the server does not accept TLS connections, and sslmode={:?} requires TLS",
+                p.sslmode
+            )))
+        }
+        other => return Err(PgError::Protocol(format!("answer {other:#x} to the TLS request"))),
+    }
+    let config = crate::tls::client_config(p.sslmode, p.sslrootcert.as_ref())?;
+    let mut conn = rustls::ClientConnection::new(config, crate::tls::server_name(&p.host)?)
+        .map_err(|e| PgError::Tls(e.to_string()))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(|e| {
+            // A rustls error (a certificate that does not verify, say) comes wrapped in io.
+            match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+                Some(tls) => {
+                    PgError::Tls(format!("handshake with {}:{} failed: {tls}", p.host, p.port))
+                }
+                None => PgError::Io(e),
+            }
+        })?;
+    }
+    Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, sock))))
+}
+
 /// A row of a simple query, in text format.
 pub type Row = Vec<Option<String>>;
 
 /// One connection. Not thread-safe; one per task.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
     start: usize,
     /// Server parameters reported at start-up (`server_version`, ...).
@@ -216,7 +295,7 @@ pub struct Connection {
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("peer", &self.stream.peer_addr().ok())
+            .field("peer", &self.stream.tcp().peer_addr().ok())
             .finish_non_exhaustive()
     }
 }
@@ -315,13 +394,6 @@ impl Connection {
     /// Connects and authenticates. With `replication`, the connection speaks the replication
     /// sub-protocol (`replication=database`).
     pub fn connect(p: &ConnectParams, replication: bool) -> Result<Connection, PgError> {
-        if matches!(p.sslmode, SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull) {
-            return Err(PgError::Unsupported(
-                "TLS to Postgres is not supported by this version yet; use sslmode=disable or \
-                 prefer on a trusted network"
-                    .into(),
-            ));
-        }
         let addr = format!("{}:{}", p.host, p.port);
         let connect_err = |source| PgError::Connect { addr: addr.clone(), source };
         let addrs: Vec<_> = addr.to_socket_addrs().map_err(connect_err)?.collect();
@@ -338,6 +410,7 @@ impl Connection {
         }
         let stream = stream.ok_or_else(|| connect_err(last))?;
         stream.set_nodelay(true).map_err(PgError::Io)?;
+        let stream = negotiate_tls(stream, p)?;
         let mut c = Connection {
             stream,
             buf: Vec::new(),
@@ -527,7 +600,7 @@ impl Connection {
                 }
                 None => None,
             };
-            self.stream.set_read_timeout(timeout)?;
+            self.stream.tcp().set_read_timeout(timeout)?;
             let old = self.buf.len();
             self.buf.resize(old + READ_CHUNK_BYTES, 0);
             match self.stream.read(&mut self.buf[old..]) {

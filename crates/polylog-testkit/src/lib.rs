@@ -79,6 +79,56 @@ fn run(cmd: &mut Command, what: &str) -> Result<Output> {
     Ok(out)
 }
 
+/// A CA, a server certificate for `localhost` it signs, and an unrelated CA.
+fn make_certificates(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| TestkitError(e.to_string()))?;
+    let openssl = |args: &[&str]| -> Result<()> {
+        run(
+            Command::new("openssl").args(args).current_dir(dir),
+            "openssl (apt-get install -y openssl)",
+        )
+        .map(|_| ())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    for ca in ["ca", "other-ca"] {
+        let (key, crt, subj) =
+            (format!("{ca}.key"), format!("{ca}.crt"), format!("/CN=polylog test {ca}"));
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend(["-keyout", &key, "-out", &crt, "-days", "3", "-subj", &subj]);
+        openssl(&args)?;
+    }
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+    openssl(&args)?;
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .map_err(|e| TestkitError(e.to_string()))?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "3",
+        "-extfile",
+        "ext.cnf",
+    ])?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| TestkitError(e.to_string()))
+}
+
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| TestkitError(format!("no free port: {e}")))?;
@@ -105,11 +155,32 @@ impl PgCluster {
     /// Starts a cluster whose `postgresql.conf` ends with `settings` (which override ours,
     /// e.g. `wal_level = replica`).
     pub fn start_with_settings(settings: &str) -> Result<PgCluster> {
-        Self::start_with(find_pg_bin(None)?, settings)
+        Self::start_inner(find_pg_bin(None)?, settings, false)
+    }
+
+    /// Starts a cluster that accepts TLS with a certificate for `localhost` signed by a
+    /// throwaway CA ([`PgCluster::tls_ca`]); another CA that did not sign it is at
+    /// [`PgCluster::tls_other_ca`]. Needs the `openssl` command.
+    pub fn start_tls() -> Result<PgCluster> {
+        Self::start_inner(find_pg_bin(None)?, "", true)
+    }
+
+    /// The CA certificate (PEM) that signed the server's certificate (with [`Self::start_tls`]).
+    pub fn tls_ca(&self) -> PathBuf {
+        self.root.join("tls").join("ca.crt")
+    }
+
+    /// A CA certificate that did not sign the server's.
+    pub fn tls_other_ca(&self) -> PathBuf {
+        self.root.join("tls").join("other-ca.crt")
     }
 
     /// Starts a cluster with the binaries in `bin`.
     pub fn start_with(bin: PathBuf, settings: &str) -> Result<PgCluster> {
+        Self::start_inner(bin, settings, false)
+    }
+
+    fn start_inner(bin: PathBuf, settings: &str, tls: bool) -> Result<PgCluster> {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
         let root = std::env::temp_dir().join(format!("polylog-pg-{}-{n}", std::process::id()));
@@ -124,8 +195,20 @@ impl PgCluster {
             running: false,
             settings: settings.to_string(),
         };
+        if tls {
+            let dir = c.root.join("tls");
+            make_certificates(&dir)?;
+            c.settings.push_str(&format!(
+                "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                dir.join("server.crt").display(),
+                dir.join("server.key").display()
+            ));
+        }
         if c.as_postgres {
-            run(Command::new("chown").arg("postgres:").arg(&c.root), "chown to the postgres user")?;
+            run(
+                Command::new("chown").arg("-R").arg("postgres:").arg(&c.root),
+                "chown to the postgres user",
+            )?;
         }
         let data = c.data_dir();
         c.server_cmd("initdb")

@@ -5,4 +5,5 @@ mod crash;
 mod slot;
 mod stream;
 mod support;
+mod tls;
 mod types;
