@@ -5,6 +5,7 @@
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod images;
 pub mod pgoutput;
 pub mod schema;
 pub mod source;

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use crate::config::{PostgresSourceConfig, SnapshotMode};
 use crate::error::SourceError;
 use crate::event::{self, envelope, key_object, row_object, Converter, Position, Raw, SourceInfo};
+use crate::images::{RowImages, TOAST_ROW_BYTES_MIN};
 use crate::pgoutput::{self, format_lsn, parse_lsn, Message, TupleValue};
 use crate::schema::{self, quote_ident, quote_literal, ColumnSchema, TableSchema};
 use crate::state::{SnapshotStatus, SourceState};
@@ -195,6 +196,7 @@ impl PostgresSource {
         schema::ensure_publication(&mut conn, &self.publication, &tables)?;
         self.ensure_topics(&tables)?;
         let mut state = SourceState::load(&self.state_path())?;
+        let images = Mutex::new(RowImages::open(&self.opts.state_dir.join("row-images.redb"))?);
         let slot = self.slot_info(&mut conn)?;
         if let Some((_, wal_status)) = &slot {
             if wal_status == "lost" {
@@ -216,7 +218,7 @@ impl PostgresSource {
             (Some((lsn, _)), SnapshotStatus::InProgress)
                 if self.cfg.snapshot != SnapshotMode::Always =>
             {
-                self.snapshot(&tables, &mut state, None, *lsn)?;
+                self.snapshot(&tables, &mut state, None, *lsn, &images)?;
                 *lsn
             }
             (Some((lsn, _)), SnapshotStatus::Done | SnapshotStatus::Skipped)
@@ -263,7 +265,7 @@ impl PostgresSource {
                 if snapshot_wanted {
                     state.snapshot = SnapshotStatus::InProgress;
                     state.save(&self.state_path())?;
-                    self.snapshot(&tables, &mut state, snapshot_name.as_deref(), lsn)?;
+                    self.snapshot(&tables, &mut state, snapshot_name.as_deref(), lsn, &images)?;
                 } else {
                     state.snapshot = SnapshotStatus::Skipped;
                     state.save(&self.state_path())?;
@@ -285,7 +287,8 @@ impl PostgresSource {
             _ => e.into(),
         })?;
         self.set_status(|s| s.state = "streaming".into());
-        let mut streamer = Streamer::new(self, tables, conn, stream);
+        let images = images.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut streamer = Streamer::new(self, tables, conn, stream, images);
         streamer.run(stop)
     }
 
@@ -353,6 +356,7 @@ impl PostgresSource {
         state: &mut SourceState,
         exported: Option<&str>,
         lsn: u64,
+        images: &Mutex<RowImages>,
     ) -> Result<(), SourceError> {
         self.set_status(|s| s.state = "snapshotting".into());
         let todo: Vec<&TableSchema> = tables
@@ -399,7 +403,7 @@ impl PostgresSource {
                         if failure.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
                             return;
                         }
-                        if let Err(e) = self.snapshot_table(table, exported, lsn, &shared) {
+                        if let Err(e) = self.snapshot_table(table, exported, lsn, &shared, images) {
                             failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
                             return;
                         }
@@ -453,6 +457,7 @@ impl PostgresSource {
         exported: Option<&str>,
         lsn: u64,
         shared: &Mutex<(SourceState, usize)>,
+        images: &Mutex<RowImages>,
     ) -> Result<(), SourceError> {
         let mut conn = Connection::connect(&self.params, false)?;
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
@@ -522,6 +527,10 @@ impl PostgresSource {
                     snapshot: "true",
                 };
                 let value_bytes = envelope(table, "r", None, Some(&after), &src);
+                if row_len(&raws) >= TOAST_ROW_BYTES_MIN {
+                    let mut images = images.lock().unwrap_or_else(|e| e.into_inner());
+                    images.set(&topic, &key_bytes, Some(after))?;
+                }
                 let p = partition_for_key(&key_bytes, self.opts.partitions);
                 pending.entry(p).or_default().push(Record::new(key_bytes, value_bytes));
                 pending_n += 1;
@@ -550,6 +559,7 @@ impl PostgresSource {
             for (&p, &end) in &ends {
                 self.log.wait_durable(&topic, p, end, DURABLE_TIMEOUT)?;
             }
+            images.lock().unwrap_or_else(|e| e.into_inner()).commit(true)?;
             progress.rows += copied;
             if last_key.is_some() {
                 progress.last_key = last_key;
@@ -621,6 +631,7 @@ struct Streamer<'a> {
     heartbeat_failed: bool,
     last_wal: u64,
     last_sub: u32,
+    images: RowImages,
 }
 
 struct Tx {
@@ -628,6 +639,41 @@ struct Tx {
     xid: u32,
     commit_time_ms: i64,
     counts: BTreeMap<String, u64>,
+}
+
+/// Fills the unchanged TOAST columns of `after` from the row's last image. Returns the image
+/// and whether every column has its real value (else the documented placeholder remains).
+fn fill_unchanged_toast(
+    after: Vec<u8>,
+    table: &TableSchema,
+    raws: &[Raw<'_>],
+    stored: Option<&[u8]>,
+) -> (Vec<u8>, bool) {
+    let missing: Vec<&str> = table
+        .columns
+        .iter()
+        .zip(raws)
+        .filter(|(c, r)| !c.excluded && **r == Raw::UnchangedToast)
+        .map(|(c, _)| c.name.as_str())
+        .collect();
+    if missing.is_empty() {
+        return (after, true);
+    }
+    let stored: Option<Value> = stored.and_then(|s| serde_json::from_slice(s).ok());
+    let Ok(mut image) = serde_json::from_slice::<Value>(&after) else { return (after, false) };
+    let mut complete = true;
+    for name in missing {
+        match stored.as_ref().and_then(|s| s.get(name)) {
+            Some(v) => image[name] = v.clone(),
+            None => complete = false,
+        }
+    }
+    (serde_json::to_vec(&image).unwrap_or(after), complete)
+}
+
+/// Bytes of a row's values in text form (to tell rows that may have TOASTed values).
+fn row_len(raws: &[Raw<'_>]) -> usize {
+    raws.iter().map(|r| if let Raw::Text(t) = r { t.len() } else { 0 }).sum()
 }
 
 fn raws(v: &[TupleValue]) -> Vec<Raw<'_>> {
@@ -650,6 +696,7 @@ impl<'a> Streamer<'a> {
         tables: Vec<TableSchema>,
         conn: Connection,
         stream: ReplicationStream,
+        images: RowImages,
     ) -> Self {
         Streamer {
             src,
@@ -671,6 +718,7 @@ impl<'a> Streamer<'a> {
             heartbeat_failed: false,
             last_wal: 0,
             last_sub: 0,
+            images,
         }
     }
 
@@ -741,6 +789,8 @@ impl<'a> Streamer<'a> {
         for ((topic, p), end) in self.unsynced.drain() {
             self.src.log.wait_durable(&topic, p, end, DURABLE_TIMEOUT)?;
         }
+        // Row images become durable only now that the log is: never ahead of it.
+        self.images.commit(true)?;
         let mut flushed = self.committed_end;
         if self.tx.is_none() && self.pending_n == 0 {
             flushed = flushed.max(self.idle_lsn);
@@ -887,6 +937,7 @@ impl<'a> Streamer<'a> {
                     let src = self.source_info(wal);
                     let value = envelope(&schema, "t", None, None, &src);
                     let rec = Record { key: None, value: Some(value), ..Record::default() };
+                    self.images.clear_topic(&topic)?;
                     if self.emit(&topic, None, vec![rec], pos)? {
                         self.count(&schema);
                     }
@@ -1089,6 +1140,9 @@ impl<'a> Streamer<'a> {
             ("c", _, Some(n)) => {
                 let key = key_of(&mut self.conv, n);
                 let after = image(&mut self.conv, n, false);
+                if row_len(n) >= TOAST_ROW_BYTES_MIN {
+                    self.images.set(&topic, &key, Some(after.clone()))?;
+                }
                 out.push((key, envelope(&table, "c", None, Some(&after), &src), false));
             }
             ("u", o, Some(n)) => {
@@ -1096,9 +1150,21 @@ impl<'a> Streamer<'a> {
                 let old_key = o.as_ref().map(|o| key_of(&mut self.conv, o));
                 let before = o.as_ref().map(|o| image(&mut self.conv, o, key_only_old));
                 let after = image(&mut self.conv, n, false);
+                // Unchanged TOASTed columns are not sent: take them from the last image.
+                let image_key = old_key.clone().unwrap_or_else(|| new_key.clone());
+                let stored = if n.contains(&Raw::UnchangedToast) {
+                    self.images.get(&topic, &image_key)?
+                } else {
+                    None
+                };
+                let (after, complete) = fill_unchanged_toast(after, &table, n, stored.as_deref());
+                if complete && (row_len(n) >= TOAST_ROW_BYTES_MIN || stored.is_some()) {
+                    self.images.set(&topic, &new_key, Some(after.clone()))?;
+                }
                 match old_key {
                     // The key changed: a delete (and tombstone) of the old key, then a create.
                     Some(ok) if ok != new_key => {
+                        self.images.set(&topic, &ok, None)?;
                         out.push((ok, envelope(&table, "d", before.as_deref(), None, &src), true));
                         out.push((new_key, envelope(&table, "c", None, Some(&after), &src), false));
                     }
@@ -1110,6 +1176,7 @@ impl<'a> Streamer<'a> {
             }
             ("d", Some(o), _) => {
                 let key = key_of(&mut self.conv, o);
+                self.images.set(&topic, &key, None)?;
                 let before = image(&mut self.conv, o, key_only_old);
                 out.push((key, envelope(&table, "d", Some(&before), None, &src), true));
             }

@@ -6,4 +6,5 @@ mod slot;
 mod stream;
 mod support;
 mod tls;
+mod toast;
 mod types;
