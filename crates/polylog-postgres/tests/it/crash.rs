@@ -266,3 +266,52 @@ fn wait_converged_snapshot(dir: &std::path::Path, rows: usize) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Peak resident memory of a process, from /proc.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_five_million_row_transaction_streams_in_bounded_memory() {
+    const ROWS: u64 = 5_000_000;
+    const RSS_BOUND_KIB: u64 = 256 * 1024;
+    let pg = cluster();
+    pg.psql("app", "CREATE TABLE big (id int PRIMARY KEY, v int)").expect("schema");
+    let dir = TempDir::new("bigtx");
+    let config = format!("url = \"{}\"\n", pg.url("app"));
+    let mut child = spawn_child(&dir.0, &config);
+    // Wait until it streams (its state file says the snapshot is done).
+    let state = dir.0.join("sources").join("app").join("state.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"done\"")) {
+        assert!(Instant::now() < deadline, "the source did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    pg.psql("app", &format!("INSERT INTO big SELECT g, g FROM generate_series(1, {ROWS}) g"))
+        .expect("one big transaction");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let o = LogOptions { maintenance_interval_ms: 0, ..LogOptions::default() };
+        let log = EmbeddedLog::open_read_only(dir.0.join("log"), o).expect("read log");
+        let d = log.describe_topic("app.public.big").expect("topic");
+        let n: u64 = d.partitions.iter().map(|p| p.end_offset).sum();
+        if n >= ROWS {
+            assert_eq!(n, ROWS, "every row once");
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {n} of {ROWS} rows arrived");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let peak = peak_rss_kib(child.id());
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    eprintln!("5M-row transaction: peak RSS of the source process {} MiB", peak / 1024);
+    assert!(peak > 0 && peak < RSS_BOUND_KIB, "peak RSS {peak} KiB exceeds {RSS_BOUND_KIB} KiB");
+}
