@@ -63,6 +63,12 @@ pub struct PostgresSourceConfig {
     /// (ms; 0 turns heartbeats off).
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
+    /// `schema.table` of the signal table: inserting `('<id>', 'execute-snapshot',
+    /// '{"data-collections": ["schema.table"]}')` re-snapshots those tables while streaming
+    /// (DBLog watermarks). Create it with `CREATE TABLE <name> (id text PRIMARY KEY, type text
+    /// NOT NULL, data text)`.
+    #[serde(default)]
+    pub signal_table: Option<String>,
 }
 
 fn default_tables() -> Vec<String> {
@@ -127,6 +133,9 @@ impl PostgresSourceConfig {
                     "column pattern {c:?} must be `schema.table.column` (wildcards allowed)"
                 ));
             }
+        }
+        if self.signal_table.as_ref().is_some_and(|t| t.split('.').count() != 2) {
+            return Err("signal_table must be `schema.table`".into());
         }
         if self.snapshot_chunk_rows == 0 || self.snapshot_parallelism == 0 {
             return Err("snapshot_chunk_rows and snapshot_parallelism must be at least 1".into());

@@ -115,7 +115,8 @@ pub fn discover(
         let f = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
         let oid: u32 = f(0).parse().unwrap_or(0);
         let (schema, name) = (f(1), f(2));
-        if !cfg.captures(&schema, &name) {
+        let is_signal = cfg.signal_table.as_deref() == Some(format!("{schema}.{name}").as_str());
+        if !cfg.captures(&schema, &name) || is_signal {
             continue;
         }
         if tables.last().is_none_or(|t| t.oid != oid) {
@@ -184,13 +185,28 @@ pub fn ensure_publication(
     conn: &mut Connection,
     publication: &str,
     tables: &[TableSchema],
+    signal_table: Option<&str>,
 ) -> Result<(), SourceError> {
     if tables.is_empty() {
         return Err(SourceError::Setup(
             "no table matches `tables` (minus `exclude_tables`); nothing to capture".into(),
         ));
     }
-    let list: Vec<String> = tables.iter().map(TableSchema::sql_name).collect();
+    let mut list: Vec<String> = tables.iter().map(TableSchema::sql_name).collect();
+    if let Some(signal) = signal_table {
+        let (schema, name) = signal.split_once('.').unwrap_or(("public", signal));
+        let sql_name = format!("{}.{}", quote_ident(schema), quote_ident(name));
+        let found = conn.query(&format!("SELECT to_regclass({})", quote_literal(&sql_name)))?;
+        if found.first().and_then(|r| r.first().cloned().flatten()).is_none() {
+            return Err(SourceError::Setup(format!(
+                "signal table {signal} does not exist; create it with CREATE TABLE {sql_name} \
+                 (id text PRIMARY KEY, type text NOT NULL, data text)"
+            )));
+        }
+        if !list.contains(&sql_name) {
+            list.push(sql_name);
+        }
+    }
     let exists = conn.query(&format!(
         "SELECT 1 FROM pg_publication WHERE pubname = {}",
         quote_literal(publication)

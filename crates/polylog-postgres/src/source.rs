@@ -193,7 +193,12 @@ impl PostgresSource {
         let mut conn = Connection::connect(&self.params, false)?;
         schema::check_server(&mut conn)?;
         let tables = schema::discover(&mut conn, &self.cfg)?;
-        schema::ensure_publication(&mut conn, &self.publication, &tables)?;
+        schema::ensure_publication(
+            &mut conn,
+            &self.publication,
+            &tables,
+            self.cfg.signal_table.as_deref(),
+        )?;
         self.ensure_topics(&tables)?;
         let mut state = SourceState::load(&self.state_path())?;
         let images = Mutex::new(RowImages::open(&self.opts.state_dir.join("row-images.redb"))?);
@@ -288,7 +293,7 @@ impl PostgresSource {
         })?;
         self.set_status(|s| s.state = "streaming".into());
         let images = images.into_inner().unwrap_or_else(|e| e.into_inner());
-        let mut streamer = Streamer::new(self, tables, conn, stream, images);
+        let mut streamer = Streamer::new(self, tables, conn, stream, images, state);
         streamer.run(stop)
     }
 
@@ -465,11 +470,6 @@ impl PostgresSource {
             conn.execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name)))?;
         }
         let topic = self.table_topic(&table.schema, &table.name);
-        let columns: Vec<(usize, &ColumnSchema)> =
-            table.columns.iter().enumerate().filter(|(_, c)| !c.excluded).collect();
-        let select: Vec<String> = columns.iter().map(|(_, c)| quote_ident(&c.name)).collect();
-        let key_cols: Vec<String> =
-            table.key.iter().map(|&i| quote_ident(&table.columns[i].name)).collect();
         // Chunking needs an ordered key; a table keyed by all its columns goes in one piece.
         let chunked = table.replica_identity != 'f' || table.key.len() < table.columns.len();
         let mut progress = {
@@ -483,39 +483,14 @@ impl PostgresSource {
         let mut ends: HashMap<u32, u64> = HashMap::new();
         let db = self.params.dbname.clone();
         loop {
-            let mut sql = format!("COPY (SELECT {} FROM {}", select.join(", "), table.sql_name());
-            if chunked {
-                if let Some(last) = &progress.last_key {
-                    let lits: Vec<String> = table
-                        .key
-                        .iter()
-                        .zip(last)
-                        .map(|(&i, v)| {
-                            format!("{}::{}", quote_literal(v), table.columns[i].type_name)
-                        })
-                        .collect();
-                    sql.push_str(&format!(
-                        " WHERE ({}) > ({})",
-                        key_cols.join(", "),
-                        lits.join(", ")
-                    ));
-                }
-                sql.push_str(&format!(
-                    " ORDER BY {} LIMIT {}",
-                    key_cols.join(", "),
-                    self.cfg.snapshot_chunk_rows
-                ));
-            }
-            sql.push_str(") TO STDOUT");
+            let limit = chunked.then_some(self.cfg.snapshot_chunk_rows);
+            let sql = chunk_sql(table, progress.last_key.as_deref(), limit);
             let mut last_key: Option<Vec<String>> = None;
             let mut in_chunk = 0u64;
             let copied = conn.copy_out(&sql, |line: &[u8]| -> Result<(), SourceError> {
                 event::parse_copy_row(line, &mut row);
                 // Values in table column order (excluded columns were not selected).
-                let mut raws = vec![Raw::Null; table.columns.len()];
-                for ((i, _), v) in columns.iter().zip(&row) {
-                    raws[*i] = v.as_deref().map_or(Raw::Null, Raw::Text);
-                }
+                let raws = copy_raws(table, &row);
                 let key_bytes = key_object(&mut conv, table, &raws);
                 let after = row_object(&mut conv, table, &raws, None);
                 let src = SourceInfo {
@@ -534,19 +509,7 @@ impl PostgresSource {
                 let p = partition_for_key(&key_bytes, self.opts.partitions);
                 pending.entry(p).or_default().push(Record::new(key_bytes, value_bytes));
                 pending_n += 1;
-                last_key = Some(
-                    table
-                        .key
-                        .iter()
-                        .map(|&i| {
-                            String::from_utf8_lossy(match raws[i] {
-                                Raw::Text(t) => t,
-                                _ => b"",
-                            })
-                            .into_owned()
-                        })
-                        .collect(),
-                );
+                last_key = Some(key_text(table, &raws));
                 in_chunk += 1;
                 if pending_n >= PENDING_RECORDS_MAX {
                     self.append_pending(&topic, &mut pending, &mut ends)?;
@@ -632,7 +595,28 @@ struct Streamer<'a> {
     last_wal: u64,
     last_sub: u32,
     images: RowImages,
+    /// The source's state: incremental snapshot progress, saved once what it records is durable.
+    state: SourceState,
+    state_dirty: bool,
+    /// The incremental snapshot chunk between its watermarks.
+    chunk: Option<Chunk>,
+    chunk_seq: u64,
 }
+
+/// One chunk of an incremental snapshot (DBLog): rows read between a low and a high
+/// watermark; rows changed in the stream inside that window are dropped from it (the stream
+/// has the newer version), the rest are emitted at the high watermark.
+struct Chunk {
+    id: u64,
+    table: String,
+    rows: BTreeMap<Vec<u8>, Vec<u8>>,
+    window_open: bool,
+    last_key: Option<Vec<String>>,
+    read: u64,
+}
+
+/// Prefix of the watermark messages written to the WAL.
+const WATERMARK_PREFIX: &str = "polylog-watermark";
 
 struct Tx {
     commit_lsn: u64,
@@ -671,6 +655,55 @@ fn fill_unchanged_toast(
     (serde_json::to_vec(&image).unwrap_or(after), complete)
 }
 
+/// `COPY (SELECT <captured columns> ...) TO STDOUT` for the rows after `last_key` in key order,
+/// at most `limit` of them (all of them, unordered, without a limit).
+fn chunk_sql(table: &TableSchema, last_key: Option<&[String]>, limit: Option<u64>) -> String {
+    let select: Vec<String> =
+        table.columns.iter().filter(|c| !c.excluded).map(|c| quote_ident(&c.name)).collect();
+    let key_cols: Vec<String> =
+        table.key.iter().map(|&i| quote_ident(&table.columns[i].name)).collect();
+    let mut sql = format!("COPY (SELECT {} FROM {}", select.join(", "), table.sql_name());
+    if let Some(limit) = limit {
+        if let Some(last) = last_key {
+            let lits: Vec<String> = table
+                .key
+                .iter()
+                .zip(last)
+                .map(|(&i, v)| format!("{}::{}", quote_literal(v), table.columns[i].type_name))
+                .collect();
+            sql.push_str(&format!(" WHERE ({}) > ({})", key_cols.join(", "), lits.join(", ")));
+        }
+        sql.push_str(&format!(" ORDER BY {} LIMIT {limit}", key_cols.join(", ")));
+    }
+    sql.push_str(") TO STDOUT");
+    sql
+}
+
+/// A row's values from a COPY row of the captured columns, in table column order.
+fn copy_raws<'r>(table: &TableSchema, row: &'r [Option<Vec<u8>>]) -> Vec<Raw<'r>> {
+    let mut raws = vec![Raw::Null; table.columns.len()];
+    let captured = table.columns.iter().enumerate().filter(|(_, c)| !c.excluded).map(|(i, _)| i);
+    for (i, v) in captured.zip(row) {
+        raws[i] = v.as_deref().map_or(Raw::Null, Raw::Text);
+    }
+    raws
+}
+
+/// The key columns of a row as text, for resuming after it.
+fn key_text(table: &TableSchema, raws: &[Raw<'_>]) -> Vec<String> {
+    table
+        .key
+        .iter()
+        .map(|&i| {
+            String::from_utf8_lossy(match raws[i] {
+                Raw::Text(t) => t,
+                _ => b"",
+            })
+            .into_owned()
+        })
+        .collect()
+}
+
 /// Bytes of a row's values in text form (to tell rows that may have TOASTed values).
 fn row_len(raws: &[Raw<'_>]) -> usize {
     raws.iter().map(|r| if let Raw::Text(t) = r { t.len() } else { 0 }).sum()
@@ -697,6 +730,7 @@ impl<'a> Streamer<'a> {
         conn: Connection,
         stream: ReplicationStream,
         images: RowImages,
+        state: SourceState,
     ) -> Self {
         Streamer {
             src,
@@ -719,6 +753,10 @@ impl<'a> Streamer<'a> {
             last_wal: 0,
             last_sub: 0,
             images,
+            state,
+            state_dirty: false,
+            chunk: None,
+            chunk_seq: 0,
         }
     }
 
@@ -752,6 +790,7 @@ impl<'a> Streamer<'a> {
                 self.acknowledge()?;
             }
             self.heartbeat()?;
+            self.next_chunk()?;
         }
     }
 
@@ -789,8 +828,13 @@ impl<'a> Streamer<'a> {
         for ((topic, p), end) in self.unsynced.drain() {
             self.src.log.wait_durable(&topic, p, end, DURABLE_TIMEOUT)?;
         }
-        // Row images become durable only now that the log is: never ahead of it.
+        // Row images and snapshot progress become durable only now that the log is: never
+        // ahead of it.
         self.images.commit(true)?;
+        if self.state_dirty {
+            self.state.save(&self.src.state_path())?;
+            self.state_dirty = false;
+        }
         let mut flushed = self.committed_end;
         if self.tx.is_none() && self.pending_n == 0 {
             flushed = flushed.max(self.idle_lsn);
@@ -943,9 +987,12 @@ impl<'a> Streamer<'a> {
                     }
                 }
             }
-            Message::LogicalMessage { lsn, .. } => {
+            Message::LogicalMessage { lsn, prefix, content, .. } => {
                 if self.tx.is_none() {
                     self.idle_lsn = self.idle_lsn.max(lsn);
+                }
+                if prefix == WATERMARK_PREFIX {
+                    self.watermark(lsn, &String::from_utf8_lossy(&content))?;
                 }
             }
             Message::Type { .. } | Message::Origin { .. } => {}
@@ -956,6 +1003,148 @@ impl<'a> Streamer<'a> {
                 return Err(SourceError::Decode("streamed transactions were not requested".into()));
             }
         }
+        Ok(())
+    }
+
+    /// A row inserted into the signal table: `execute-snapshot` queues tables for an
+    /// incremental snapshot.
+    fn signal(&mut self, table: &TableSchema, row: &[Raw<'_>]) -> Result<(), SourceError> {
+        let field = |name: &str| {
+            table.columns.iter().position(|c| c.name == name).and_then(|i| match row.get(i) {
+                Some(Raw::Text(t)) => Some(String::from_utf8_lossy(t).into_owned()),
+                _ => None,
+            })
+        };
+        let (id, kind) = (field("id").unwrap_or_default(), field("type").unwrap_or_default());
+        if kind != "execute-snapshot" {
+            eprintln!(
+                "polylog: source {}: ignoring signal {id:?} of unknown type {kind:?}",
+                self.src.name
+            );
+            return Ok(());
+        }
+        if self.state.signals_done.contains(&id) {
+            return Ok(()); // replayed after a restart
+        }
+        let data: Value =
+            field("data").and_then(|d| serde_json::from_str(&d).ok()).unwrap_or_default();
+        let wanted: Vec<String> = data["data-collections"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        let inc = self.state.incremental.get_or_insert_with(Default::default);
+        for t in wanted {
+            if !self.by_name.contains_key(&t) {
+                eprintln!(
+                    "polylog: source {}: signal {id:?}: {t} is not a captured table",
+                    self.src.name
+                );
+            } else if !inc.queue.contains(&t) {
+                eprintln!(
+                    "polylog: source {}: incremental snapshot of {t} requested",
+                    self.src.name
+                );
+                inc.queue.push(t);
+            }
+        }
+        self.state.signals_done.push(id);
+        let excess = self.state.signals_done.len().saturating_sub(100);
+        self.state.signals_done.drain(..excess);
+        self.state_dirty = true;
+        Ok(())
+    }
+
+    /// Starts the next chunk of an incremental snapshot, if one is due: writes the low
+    /// watermark, reads the chunk, writes the high watermark. The stream then decides, between
+    /// the two, which rows of the chunk stand.
+    fn next_chunk(&mut self) -> Result<(), SourceError> {
+        if self.chunk.is_some() || self.tx.is_some() {
+            return Ok(());
+        }
+        let Some(inc) = self.state.incremental.as_mut() else { return Ok(()) };
+        let Some(name) = inc.queue.first().cloned() else {
+            eprintln!("polylog: source {}: incremental snapshot done", self.src.name);
+            self.state.incremental = None;
+            self.state_dirty = true;
+            return Ok(());
+        };
+        let Some(table) = self.by_name.get(&name).cloned() else {
+            inc.queue.remove(0);
+            inc.last_key = None;
+            return Ok(());
+        };
+        let last_key = inc.last_key.clone();
+        self.chunk_seq += 1;
+        let id = self.chunk_seq;
+        let mark = |kind: &str| {
+            format!("SELECT pg_logical_emit_message(false, '{WATERMARK_PREFIX}', '{kind}:{id}')")
+        };
+        self.conn.execute(&mark("low"))?;
+        let sql = chunk_sql(&table, last_key.as_deref(), Some(self.src.cfg.snapshot_chunk_rows));
+        let mut chunk = Chunk {
+            id,
+            table: name,
+            rows: BTreeMap::new(),
+            window_open: false,
+            last_key: None,
+            read: 0,
+        };
+        let mut row = Vec::new();
+        let conv = &mut self.conv;
+        self.conn.copy_out(&sql, |line: &[u8]| -> Result<(), SourceError> {
+            event::parse_copy_row(line, &mut row);
+            let raws = copy_raws(&table, &row);
+            let key = key_object(conv, &table, &raws);
+            chunk.rows.insert(key, row_object(conv, &table, &raws, None));
+            chunk.last_key = Some(key_text(&table, &raws));
+            chunk.read += 1;
+            Ok(())
+        })?;
+        self.conn.execute(&mark("high"))?;
+        self.chunk = Some(chunk);
+        Ok(())
+    }
+
+    /// A watermark came back through the stream.
+    fn watermark(&mut self, lsn: u64, content: &str) -> Result<(), SourceError> {
+        let Some((kind, id)) = content.split_once(':') else { return Ok(()) };
+        let Some(chunk) = self.chunk.as_mut().filter(|c| id.parse() == Ok(c.id)) else {
+            return Ok(()); // a watermark of a chunk from before a restart
+        };
+        if kind == "low" {
+            chunk.window_open = true;
+            return Ok(());
+        }
+        let Some(chunk) = self.chunk.take() else { return Ok(()) };
+        let Some(table) = self.by_name.get(&chunk.table).cloned() else { return Ok(()) };
+        let topic = self.src.table_topic(&table.schema, &table.name);
+        let src = SourceInfo {
+            name: &self.src.name,
+            db: &self.src.params.dbname,
+            lsn: Some(lsn),
+            tx_id: None,
+            ts_ms: polylog_log::now_ms(),
+            snapshot: "incremental",
+        };
+        let mut emitted = Vec::with_capacity(chunk.rows.len());
+        for (i, (key, after)) in chunk.rows.into_iter().enumerate() {
+            let value = envelope(&table, "r", None, Some(&after), &src);
+            emitted.push((key, value, i));
+        }
+        for (key, value, i) in emitted {
+            let pos = Position { commit_lsn: lsn, change_lsn: lsn, sub: i as u32 };
+            self.emit_bytes(&topic, key, Some(value), pos, false)?;
+        }
+        let done = chunk.read < self.src.cfg.snapshot_chunk_rows;
+        if let Some(inc) = self.state.incremental.as_mut() {
+            inc.rows += chunk.read;
+            inc.last_key = chunk.last_key;
+            if done {
+                inc.queue.retain(|t| *t != chunk.table);
+                inc.last_key = None;
+            }
+        }
+        self.state_dirty = true;
         Ok(())
     }
 
@@ -1126,6 +1315,21 @@ impl<'a> Streamer<'a> {
             return Err(SourceError::Decode(format!("change for unknown relation {relation}")));
         };
         let (table, topic) = (t.schema.clone(), t.topic.clone());
+        if self.src.cfg.signal_table.as_deref() == Some(table.qualified().as_str()) {
+            if let (Some(n), "c") = (&new, op) {
+                self.signal(&table, &raws(n))?;
+            }
+            return Ok(());
+        }
+        if let Some(ch) =
+            self.chunk.as_mut().filter(|c| c.window_open && c.table == table.qualified())
+        {
+            // Changed inside the window: the stream's version wins over the chunk's.
+            for image in old.iter().map(|(v, _)| v).chain(new.iter()) {
+                let key = key_object(&mut self.conv, &table, &raws(image));
+                ch.rows.remove(&key);
+            }
+        }
         let src = self.source_info(wal);
         let new_raws = new.as_deref().map(raws);
         let old_raws = old.as_ref().map(|(v, _)| raws(v));

@@ -38,6 +38,22 @@ pub struct SourceState {
     pub snapshot: SnapshotStatus,
     /// Snapshot progress by `schema.table`.
     pub tables: BTreeMap<String, TableProgress>,
+    /// An incremental snapshot in progress (triggered through the signal table).
+    #[serde(default)]
+    pub incremental: Option<Incremental>,
+    /// Ids of the signals already acted on (the last few), so a replayed signal is ignored.
+    #[serde(default)]
+    pub signals_done: Vec<String>,
+}
+
+/// Progress of an incremental snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incremental {
+    /// Tables still to do, the current one first.
+    pub queue: Vec<String>,
+    /// Key of the last row of the current table already emitted.
+    pub last_key: Option<Vec<String>>,
+    pub rows: u64,
 }
 
 impl SourceState {

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod crash;
+mod incremental;
 mod slot;
 mod stream;
 mod support;
