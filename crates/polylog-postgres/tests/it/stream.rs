@@ -228,3 +228,31 @@ fn excluded_columns_are_left_out_and_masked_columns_hashed() {
     assert!(history.iter().all(|h| !h.value.to_string().contains("secret-hash")));
     src.stop().expect("clean stop");
 }
+
+#[test]
+fn truncate_is_an_event_and_snapshot_always_resnapshots_on_start() {
+    let pg = cluster();
+    pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)")
+        .expect("schema");
+    let dir = TempDir::new("truncate");
+    let log = open_log(&dir.0);
+    let src = Running::start("app", config(&pg, "snapshot = \"always\""), log.clone(), &dir.0);
+    wait_for(&*log, "app.public.t", "the first snapshot", |e| e.len() == 2);
+    src.wait_streaming();
+    pg.psql("app", "TRUNCATE t; INSERT INTO t VALUES (3)").expect("truncate");
+    let events = wait_for(&*log, "app.public.t", "the truncate and the insert", |e| e.len() == 4);
+    let t = events.iter().find(|e| e.value["op"] == "t").expect("a truncate event");
+    assert!(t.key.is_null() && t.value["before"].is_null() && t.value["after"].is_null());
+    assert_eq!(t.value["source"]["table"], "t");
+    src.stop().expect("stop");
+    // `always`: a new slot and a new snapshot on every start.
+    let src = Running::start("app", config(&pg, "snapshot = \"always\""), log.clone(), &dir.0);
+    let events = wait_for(&*log, "app.public.t", "the second snapshot", |e| {
+        e.iter().filter(|x| x.value["op"] == "r").count() == 3
+    });
+    assert_eq!(
+        events.iter().filter(|x| x.value["op"] == "r").last().expect("r").key,
+        json!({"id": 3})
+    );
+    src.stop().expect("stop");
+}

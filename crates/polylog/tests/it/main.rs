@@ -212,3 +212,67 @@ fn quickstart_runs_on_a_fresh_machine() {
     let again = ok(&d.0, &["quickstart", "--events", "1000"], "");
     assert!(again.contains("exists from an earlier run"), "{again}");
 }
+
+#[test]
+fn run_captures_changes_and_status_shows_them_until_sigterm() {
+    let pg = polylog_testkit::PgCluster::start().expect("postgres");
+    pg.create_database("app").expect("db");
+    pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'one')")
+        .expect("schema");
+    let d = TempDir::new("run");
+    std::fs::write(
+        d.0.join("polylog.toml"),
+        format!(
+            "[sources.app]\nkind = \"postgres\"\nurl = \"{}\"\nstatus_interval_ms = 100\n",
+            pg.url("app")
+        ),
+    )
+    .expect("config");
+    let run = polylog(&d.0)
+        .args(["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        assert!(Instant::now() < deadline, "run did not capture: {seen:?}");
+        std::thread::sleep(Duration::from_millis(200));
+        let out = run_cmd(&d.0, &["topics", "tail", "app.public.t", "--from-beginning"]);
+        seen = out.lines().map(String::from).collect();
+        if seen.len() == 1 {
+            pg.psql("app", "INSERT INTO t VALUES (2, 'two') ON CONFLICT DO NOTHING")
+                .expect("insert");
+        }
+    }
+    let ops: Vec<serde_json::Value> =
+        seen.iter().map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert_eq!(ops[0]["value"]["op"], "r");
+    assert_eq!(ops[1]["value"]["op"], "c");
+    // The running process reports its status every second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = ok(&d.0, &["status"], "");
+    while !status.contains("streaming") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        status = ok(&d.0, &["status"], "");
+    }
+    assert!(
+        status.contains("app") && status.contains("streaming") && status.contains("SLOT LAG"),
+        "{status}"
+    );
+    let killed =
+        Command::new("kill").args(["-TERM", &run.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    let out = run.wait_with_output().expect("run exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run exits cleanly on SIGTERM: {stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+    let status = ok(&d.0, &["status"], "");
+    assert!(status.contains("stopped") || status.contains("not running"), "{status}");
+}
+
+fn run_cmd(dir: &Path, args: &[&str]) -> String {
+    let out = run(dir, args, "");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
