@@ -30,6 +30,8 @@ impl SourceError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SourceError::Pg(e) => e.is_retryable(),
+            // A log slow to make records durable (a busy disk) may catch up.
+            SourceError::Log(polylog_log::LogError::Timeout(_)) => true,
             _ => false,
         }
     }

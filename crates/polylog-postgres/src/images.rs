@@ -11,6 +11,7 @@ use std::path::Path;
 use redb::{Database, Durability, TableDefinition};
 
 use crate::error::SourceError;
+use crate::event::Position;
 
 const IMAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("row_images");
 
@@ -54,24 +55,41 @@ impl RowImages {
         Ok(RowImages { db, pending: Vec::new() })
     }
 
-    /// The last image stored for a row (pending writes included).
-    pub fn get(&self, topic: &str, key: &[u8]) -> Result<Option<Vec<u8>>, SourceError> {
+    /// The last image stored for a row by a change before `before` (pending writes included).
+    pub fn get(
+        &self,
+        topic: &str,
+        key: &[u8],
+        before: Position,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
         let k = store_key(topic, key);
-        if let Some((_, v)) = self.pending.iter().rev().find(|(pk, _)| *pk == k) {
-            return Ok(v.clone());
-        }
-        let tx = self.db.begin_read().map_err(fail)?;
-        let t = tx.open_table(IMAGES).map_err(fail)?;
-        Ok(t.get(k.as_slice()).map_err(fail)?.map(|v| v.value().to_vec()))
+        let stored = match self.pending.iter().rev().find(|(pk, _)| *pk == k) {
+            Some((_, v)) => v.clone(),
+            None => {
+                let tx = self.db.begin_read().map_err(fail)?;
+                let t = tx.open_table(IMAGES).map_err(fail)?;
+                t.get(k.as_slice()).map_err(fail)?.map(|v| v.value().to_vec())
+            }
+        };
+        let Some(v) = stored.filter(|v| v.len() >= 20) else { return Ok(None) };
+        let (pos, image) = v.split_at(20);
+        let header = [(crate::event::POSITION_HEADER.to_string(), pos.to_vec())];
+        Ok(Position::from_headers(&header).filter(|p| *p < before).map(|_| image.to_vec()))
     }
 
-    /// Records a row's image (`None`: the row is gone).
+    /// Records a row's image as of the change at `pos` (`None`: the row is gone).
     pub fn set(
         &mut self,
         topic: &str,
         key: &[u8],
+        pos: Position,
         image: Option<Vec<u8>>,
     ) -> Result<(), SourceError> {
+        let image = image.map(|i| {
+            let mut v = pos.to_header().1;
+            v.extend_from_slice(&i);
+            v
+        });
         self.pending.push((store_key(topic, key), image));
         if self.pending.len() >= PENDING_MAX {
             self.commit(false)?;
@@ -86,7 +104,8 @@ impl RowImages {
         start.push(0);
         let mut end = topic.as_bytes().to_vec();
         end.push(1);
-        let tx = self.db.begin_write().map_err(fail)?;
+        let mut tx = self.db.begin_write().map_err(fail)?;
+        tx.set_durability(Durability::None);
         {
             let mut t = tx.open_table(IMAGES).map_err(fail)?;
             t.retain_in(start.as_slice()..end.as_slice(), |_, _| false).map_err(fail)?;

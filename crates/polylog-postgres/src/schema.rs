@@ -28,8 +28,9 @@ pub struct TableSchema {
     /// `d` default (primary key), `f` full, `i` index, `n` nothing.
     pub replica_identity: char,
     pub columns: Vec<ColumnSchema>,
-    /// Indexes into `columns` of the event key, in key order: the primary key, or every column
-    /// with `REPLICA IDENTITY FULL` and no primary key.
+    /// Indexes into `columns` of the event key, in key order: the primary key, the columns of
+    /// the replica identity index with `REPLICA IDENTITY USING INDEX` (what Postgres sends for
+    /// deletes), or every column with `REPLICA IDENTITY FULL` and no primary key.
     pub key: Vec<usize>,
 }
 
@@ -72,7 +73,8 @@ SELECT c.oid, n.nspname, c.relname, c.relreplident, a.attname, a.atttypid, \
        format_type(a.atttypid, a.atttypmod), t.typtype, t.typbasetype, \
        COALESCE(et.typtype, ''), COALESCE(et.oid, 0), \
        COALESCE((SELECT k.n FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
-                 WHERE i.indrelid = c.oid AND i.indisprimary AND k.attnum = a.attnum), 0) \
+                 WHERE i.indrelid = c.oid AND k.attnum = a.attnum \
+                   AND CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END), 0) \
 FROM pg_class c \
 JOIN pg_namespace n ON n.oid = c.relnamespace \
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \

@@ -33,6 +33,9 @@ const PENDING_RECORDS_MAX: usize = 2000;
 const DURABLE_TIMEOUT: Duration = Duration::from_secs(120);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const RECV_TIMEOUT: Duration = Duration::from_millis(200);
+/// With nothing at all from the server for this long (despite asking), the connection is
+/// taken for dead and the source reconnects.
+const SILENCE_MAX: Duration = Duration::from_secs(120);
 
 /// What `polylog status` shows of a source.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -105,7 +108,9 @@ impl PostgresSource {
             })?;
             Some(k.into_bytes())
         };
-        let default_name = format!("polylog_{}", topic_safe(name).replace(['.', '-'], "_"));
+        // Slot names are lower case letters, digits and underscores.
+        let default_name =
+            format!("polylog_{}", topic_safe(name).replace(['.', '-'], "_").to_lowercase());
         Ok(PostgresSource {
             prefix: cfg.topic_prefix.clone().unwrap_or_else(|| name.to_string()),
             slot: cfg.slot.clone().unwrap_or_else(|| default_name.clone()),
@@ -504,7 +509,7 @@ impl PostgresSource {
                 let value_bytes = envelope(table, "r", None, Some(&after), &src);
                 if row_len(&raws) >= TOAST_ROW_BYTES_MIN {
                     let mut images = images.lock().unwrap_or_else(|e| e.into_inner());
-                    images.set(&topic, &key_bytes, Some(after))?;
+                    images.set(&topic, &key_bytes, Position::default(), Some(after))?;
                 }
                 let p = partition_for_key(&key_bytes, self.opts.partitions);
                 pending.entry(p).or_default().push(Record::new(key_bytes, value_bytes));
@@ -561,6 +566,16 @@ impl PostgresSource {
     }
 }
 
+impl Drop for Streamer<'_> {
+    /// Whatever this stream appended becomes durable before the next one (a retry in this
+    /// process) reads the partitions' last positions: otherwise it could write them again.
+    fn drop(&mut self) {
+        for ((topic, p), end) in self.unsynced.drain() {
+            let _ = self.src.log.wait_durable(&topic, p, end, Duration::from_secs(10));
+        }
+    }
+}
+
 /// A table as the stream knows it: its schema (updated by Relation messages) and topic.
 struct StreamTable {
     schema: TableSchema,
@@ -591,6 +606,8 @@ struct Streamer<'a> {
     last_status: Instant,
     /// When the last captured message or heartbeat arrived.
     last_activity: Instant,
+    /// When anything last arrived from the server.
+    last_recv: Instant,
     heartbeat_failed: bool,
     last_wal: u64,
     last_sub: u32,
@@ -601,18 +618,58 @@ struct Streamer<'a> {
     /// The incremental snapshot chunk between its watermarks.
     chunk: Option<Chunk>,
     chunk_seq: u64,
+    /// Distinguishes this run's watermarks from replayed ones of earlier runs.
+    run_token: String,
 }
 
-/// One chunk of an incremental snapshot (DBLog): rows read between a low and a high
-/// watermark; rows changed in the stream inside that window are dropped from it (the stream
-/// has the newer version), the rest are emitted at the high watermark.
+/// One chunk of an incremental snapshot (DBLog), read in a snapshot and held until the high
+/// watermark written after it comes back through the stream. A row that a transaction the
+/// snapshot could not see changes before then is dropped from the chunk (the stream has the
+/// newer version); the rest are emitted at the watermark. (Visibility, not WAL position,
+/// decides: a transaction's commit record can precede a watermark in the WAL and still be
+/// invisible to a snapshot taken after it.)
 struct Chunk {
     id: u64,
     table: String,
     rows: BTreeMap<Vec<u8>, Vec<u8>>,
-    window_open: bool,
+    snapshot: XidSnapshot,
     last_key: Option<Vec<String>>,
     read: u64,
+}
+
+/// `pg_current_snapshot()`: which transactions a snapshot sees.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct XidSnapshot {
+    xmin: u64,
+    xmax: u64,
+    in_progress: std::collections::HashSet<u64>,
+}
+
+impl XidSnapshot {
+    /// Parses `xmin:xmax:xip,xip,...`.
+    fn parse(s: &str) -> Option<XidSnapshot> {
+        let mut parts = s.trim().splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let in_progress = parts
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        Some(XidSnapshot { xmin, xmax, in_progress })
+    }
+
+    /// Whether the snapshot sees the (committed) transaction `xid`, a 32-bit xid as pgoutput
+    /// sends it, widened with the snapshot's epoch.
+    fn sees(&self, xid: u32) -> bool {
+        let mut full = (self.xmax & !0xffff_ffff) | u64::from(xid);
+        if full > self.xmax {
+            full = full.saturating_sub(1 << 32);
+        }
+        full < self.xmin || (full < self.xmax && !self.in_progress.contains(&full))
+    }
 }
 
 /// Prefix of the watermark messages written to the WAL.
@@ -749,6 +806,7 @@ impl<'a> Streamer<'a> {
             acked: 0,
             last_status: Instant::now(),
             last_activity: Instant::now(),
+            last_recv: Instant::now(),
             heartbeat_failed: false,
             last_wal: 0,
             last_sub: 0,
@@ -757,6 +815,13 @@ impl<'a> Streamer<'a> {
             state_dirty: false,
             chunk: None,
             chunk_seq: 0,
+            run_token: format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
         }
     }
 
@@ -770,7 +835,18 @@ impl<'a> Streamer<'a> {
                 return Ok(());
             }
             let mut reply = false;
-            match self.stream.recv(RECV_TIMEOUT)? {
+            let received = self.stream.recv(RECV_TIMEOUT)?;
+            if received.is_some() {
+                self.last_recv = Instant::now();
+            } else if self.last_recv.elapsed() > SILENCE_MAX {
+                // We ask for a keepalive after a quiet spell; none came: the peer is gone.
+                return Err(crate::wire::PgError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no message from the server for {SILENCE_MAX:?}"),
+                ))
+                .into());
+            }
+            match received {
                 Some(ReplicationMessage::XLogData { wal_start, data, .. }) => {
                     self.last_activity = Instant::now();
                     let msg = pgoutput::decode(&data, false)
@@ -828,19 +904,23 @@ impl<'a> Streamer<'a> {
         for ((topic, p), end) in self.unsynced.drain() {
             self.src.log.wait_durable(&topic, p, end, DURABLE_TIMEOUT)?;
         }
-        // Row images and snapshot progress become durable only now that the log is: never
-        // ahead of it.
-        self.images.commit(true)?;
-        if self.state_dirty {
-            self.state.save(&self.src.state_path())?;
-            self.state_dirty = false;
+        // Row images and snapshot progress become durable only now that the log is, and only
+        // between transactions (inside one, some of its records are still in memory).
+        if self.tx.is_none() && self.pending_n == 0 {
+            self.images.commit(true)?;
+            if self.state_dirty {
+                self.state.save(&self.src.state_path())?;
+                self.state_dirty = false;
+            }
         }
         let mut flushed = self.committed_end;
         if self.tx.is_none() && self.pending_n == 0 {
             flushed = flushed.max(self.idle_lsn);
         }
         flushed = flushed.max(self.acked);
-        self.stream.send_status(flushed, flushed, flushed, false)?;
+        // After a quiet spell, ask the server to answer, so a dead connection shows.
+        let ask = self.last_recv.elapsed() > SILENCE_MAX / 4;
+        self.stream.send_status(flushed, flushed, flushed, ask)?;
         self.acked = flushed;
         self.last_status = Instant::now();
         self.src.set_status(|s| s.flushed_lsn = Some(format_lsn(flushed)));
@@ -982,9 +1062,17 @@ impl<'a> Streamer<'a> {
                     let value = envelope(&schema, "t", None, None, &src);
                     let rec = Record { key: None, value: Some(value), ..Record::default() };
                     self.images.clear_topic(&topic)?;
-                    if self.emit(&topic, None, vec![rec], pos)? {
-                        self.count(&schema);
+                    let xid = self.tx.as_ref().map_or(0, |t| t.xid);
+                    if let Some(ch) = self
+                        .chunk
+                        .as_mut()
+                        .filter(|c| c.table == schema.qualified() && !c.snapshot.sees(xid))
+                    {
+                        ch.rows.clear();
                     }
+                    // Counted whether written now or before a crash: END tells the whole story.
+                    self.emit(&topic, None, vec![rec], pos)?;
+                    self.count(&schema);
                 }
             }
             Message::LogicalMessage { lsn, prefix, content, .. } => {
@@ -1054,9 +1142,9 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    /// Starts the next chunk of an incremental snapshot, if one is due: writes the low
-    /// watermark, reads the chunk, writes the high watermark. The stream then decides, between
-    /// the two, which rows of the chunk stand.
+    /// Starts the next chunk of an incremental snapshot, if one is due: reads the chunk in a
+    /// snapshot, noting which transactions it sees, then writes the high watermark. The stream
+    /// decides, until the watermark comes back, which rows of the chunk stand.
     fn next_chunk(&mut self) -> Result<(), SourceError> {
         if self.chunk.is_some() || self.tx.is_some() {
             return Ok(());
@@ -1077,18 +1165,25 @@ impl<'a> Streamer<'a> {
         self.chunk_seq += 1;
         let id = self.chunk_seq;
         let mark = |kind: &str| {
-            format!("SELECT pg_logical_emit_message(false, '{WATERMARK_PREFIX}', '{kind}:{id}')")
+            let token = &self.run_token;
+            format!("SELECT pg_logical_emit_message(false, '{WATERMARK_PREFIX}', '{kind}:{token}:{id}')")
         };
-        self.conn.execute(&mark("low"))?;
         let sql = chunk_sql(&table, last_key.as_deref(), Some(self.src.cfg.snapshot_chunk_rows));
-        let mut chunk = Chunk {
-            id,
-            table: name,
-            rows: BTreeMap::new(),
-            window_open: false,
-            last_key: None,
-            read: 0,
+        let rows = self.conn.query(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_current_snapshot()::text",
+        )?;
+        let snapshot = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|s| XidSnapshot::parse(&s));
+        let Some(snapshot) = snapshot else {
+            self.conn.execute("ROLLBACK")?;
+            return Err(SourceError::Decode(
+                "pg_current_snapshot() returned something unexpected".into(),
+            ));
         };
+        let mut chunk =
+            Chunk { id, table: name, rows: BTreeMap::new(), snapshot, last_key: None, read: 0 };
         let mut row = Vec::new();
         let conv = &mut self.conv;
         self.conn.copy_out(&sql, |line: &[u8]| -> Result<(), SourceError> {
@@ -1100,6 +1195,7 @@ impl<'a> Streamer<'a> {
             chunk.read += 1;
             Ok(())
         })?;
+        self.conn.execute("COMMIT")?;
         self.conn.execute(&mark("high"))?;
         self.chunk = Some(chunk);
         Ok(())
@@ -1107,13 +1203,15 @@ impl<'a> Streamer<'a> {
 
     /// A watermark came back through the stream.
     fn watermark(&mut self, lsn: u64, content: &str) -> Result<(), SourceError> {
-        let Some((kind, id)) = content.split_once(':') else { return Ok(()) };
-        let Some(chunk) = self.chunk.as_mut().filter(|c| id.parse() == Ok(c.id)) else {
-            return Ok(()); // a watermark of a chunk from before a restart
-        };
-        if kind == "low" {
-            chunk.window_open = true;
+        let mut parts = content.splitn(3, ':');
+        let (Some(kind), Some(token), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
             return Ok(());
+        };
+        let ours = token == self.run_token
+            && kind == "high"
+            && self.chunk.as_ref().is_some_and(|c| id.parse() == Ok(c.id));
+        if !ours {
+            return Ok(()); // a watermark of a chunk from before a restart
         }
         let Some(chunk) = self.chunk.take() else { return Ok(()) };
         let Some(table) = self.by_name.get(&chunk.table).cloned() else { return Ok(()) };
@@ -1132,7 +1230,9 @@ impl<'a> Streamer<'a> {
             emitted.push((key, value, i));
         }
         for (key, value, i) in emitted {
-            let pos = Position { commit_lsn: lsn, change_lsn: lsn, sub: i as u32 };
+            // `lsn` is the end of the watermark message: a transaction may commit right there,
+            // and its changes (change LSN > 0) must sort after these rows.
+            let pos = Position { commit_lsn: lsn, change_lsn: 0, sub: i as u32 };
             self.emit_bytes(&topic, key, Some(value), pos, false)?;
         }
         let done = chunk.read < self.src.cfg.snapshot_chunk_rows;
@@ -1205,14 +1305,14 @@ impl<'a> Streamer<'a> {
                 k.columns.iter().find(|kc| kc.name == c.name && kc.type_oid == c.type_oid)
             });
             let full = format!("{qualified}.{}", c.name);
-            let ty = match prior {
-                Some(p) => p.ty.clone(),
-                None => self.lookup_type(c.type_oid)?,
+            let (ty, type_name) = match prior {
+                Some(p) => (p.ty.clone(), p.type_name.clone()),
+                None => self.lookup_type(c.type_oid, c.type_modifier)?,
             };
             columns.push(ColumnSchema {
                 name: c.name.clone(),
                 type_oid: c.type_oid,
-                type_name: prior.map_or_else(|| c.type_oid.to_string(), |p| p.type_name.clone()),
+                type_name,
                 ty,
                 excluded: self
                     .src
@@ -1281,18 +1381,19 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    fn lookup_type(&mut self, oid: u32) -> Result<PgType, SourceError> {
-        let t = PgType::from_oid(oid);
-        if !matches!(t, PgType::Unknown(_)) {
-            return Ok(t);
-        }
+    /// How to convert a column type the catalog scan did not see (a new column), and its name
+    /// as SQL writes it (for key literals in snapshot queries).
+    fn lookup_type(&mut self, oid: u32, typmod: i32) -> Result<(PgType, String), SourceError> {
         let rows = self.conn.query(&format!(
-            "SELECT t.typtype, t.typbasetype, COALESCE(e.typtype, ''), COALESCE(e.oid, 0) FROM pg_type t \
+            "SELECT t.typtype, t.typbasetype, COALESCE(e.typtype, ''), COALESCE(e.oid, 0), \
+             format_type(t.oid, {typmod}) FROM pg_type t \
              LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A' WHERE t.oid = {oid}"
         ))?;
-        let Some(r) = rows.first() else { return Ok(t) };
+        let t = PgType::from_oid(oid);
+        let Some(r) = rows.first() else { return Ok((t, oid.to_string())) };
         let f = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
-        Ok(match (f(0).as_str(), f(2).as_str()) {
+        let ty = match (f(0).as_str(), f(2).as_str()) {
+            _ if !matches!(t, PgType::Unknown(_)) => t,
             ("e", _) => PgType::Enum,
             ("d", _) => PgType::from_oid(f(1).parse().unwrap_or(0)),
             (_, "e") => PgType::Array(Box::new(PgType::Enum)),
@@ -1300,7 +1401,8 @@ impl<'a> Streamer<'a> {
                 0 => t,
                 elem => PgType::Array(Box::new(PgType::from_oid(elem))),
             },
-        })
+        };
+        Ok((ty, f(4)))
     }
 
     fn row_change(
@@ -1321,10 +1423,12 @@ impl<'a> Streamer<'a> {
             }
             return Ok(());
         }
+        let xid = self.tx.as_ref().map_or(0, |t| t.xid);
         if let Some(ch) =
-            self.chunk.as_mut().filter(|c| c.window_open && c.table == table.qualified())
+            self.chunk.as_mut().filter(|c| c.table == table.qualified() && !c.snapshot.sees(xid))
         {
-            // Changed inside the window: the stream's version wins over the chunk's.
+            // Changed by a transaction the chunk's snapshot did not see: the stream's version
+            // wins over the chunk's.
             for image in old.iter().map(|(v, _)| v).chain(new.iter()) {
                 let key = key_object(&mut self.conv, &table, &raws(image));
                 ch.rows.remove(&key);
@@ -1340,12 +1444,18 @@ impl<'a> Streamer<'a> {
         // (key, value, tombstone after)
         let mut out: Vec<(Vec<u8>, Vec<u8>, bool)> = Vec::new();
         let key_only_old = old.as_ref().is_some_and(|(_, k)| *k);
+        // The version of row images this change reads and writes.
+        let version = Position {
+            commit_lsn: self.tx.as_ref().map_or(wal, |t| t.commit_lsn),
+            change_lsn: wal,
+            sub: 0,
+        };
         match (op, &old_raws, &new_raws) {
             ("c", _, Some(n)) => {
                 let key = key_of(&mut self.conv, n);
                 let after = image(&mut self.conv, n, false);
                 if row_len(n) >= TOAST_ROW_BYTES_MIN {
-                    self.images.set(&topic, &key, Some(after.clone()))?;
+                    self.images.set(&topic, &key, version, Some(after.clone()))?;
                 }
                 out.push((key, envelope(&table, "c", None, Some(&after), &src), false));
             }
@@ -1357,18 +1467,18 @@ impl<'a> Streamer<'a> {
                 // Unchanged TOASTed columns are not sent: take them from the last image.
                 let image_key = old_key.clone().unwrap_or_else(|| new_key.clone());
                 let stored = if n.contains(&Raw::UnchangedToast) {
-                    self.images.get(&topic, &image_key)?
+                    self.images.get(&topic, &image_key, version)?
                 } else {
                     None
                 };
                 let (after, complete) = fill_unchanged_toast(after, &table, n, stored.as_deref());
                 if complete && (row_len(n) >= TOAST_ROW_BYTES_MIN || stored.is_some()) {
-                    self.images.set(&topic, &new_key, Some(after.clone()))?;
+                    self.images.set(&topic, &new_key, version, Some(after.clone()))?;
                 }
                 match old_key {
                     // The key changed: a delete (and tombstone) of the old key, then a create.
                     Some(ok) if ok != new_key => {
-                        self.images.set(&topic, &ok, None)?;
+                        self.images.set(&topic, &ok, version, None)?;
                         out.push((ok, envelope(&table, "d", before.as_deref(), None, &src), true));
                         out.push((new_key, envelope(&table, "c", None, Some(&after), &src), false));
                     }
@@ -1380,7 +1490,7 @@ impl<'a> Streamer<'a> {
             }
             ("d", Some(o), _) => {
                 let key = key_of(&mut self.conv, o);
-                self.images.set(&topic, &key, None)?;
+                self.images.set(&topic, &key, version, None)?;
                 let before = image(&mut self.conv, o, key_only_old);
                 out.push((key, envelope(&table, "d", Some(&before), None, &src), true));
             }
@@ -1388,10 +1498,37 @@ impl<'a> Streamer<'a> {
         }
         for (key, value, tombstone) in out {
             let pos = self.position(wal);
-            if self.emit_bytes(&topic, key, Some(value), pos, tombstone)? {
-                self.count(&table);
-            }
+            self.emit_bytes(&topic, key, Some(value), pos, tombstone)?;
+            self.count(&table);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_visibility_follows_xmin_xmax_and_in_progress() {
+        let s = XidSnapshot::parse("100:105:101,103").expect("snapshot");
+        for (xid, seen) in [
+            (99, true),
+            (100, true),
+            (101, false),
+            (102, true),
+            (103, false),
+            (104, true),
+            (105, false),
+            (200, false),
+        ] {
+            assert_eq!(s.sees(xid), seen, "xid {xid}");
+        }
+        // Across an epoch: xids near the top of the previous epoch are old.
+        let e = (1u64 << 32) + 10;
+        let s = XidSnapshot::parse(&format!("{e}:{}:", e + 5)).expect("snapshot");
+        assert!(s.sees(u32::MAX - 3), "from the previous epoch");
+        assert!(!s.sees(12), "in progress or later");
+        assert!(XidSnapshot::parse("garbage").is_none());
     }
 }

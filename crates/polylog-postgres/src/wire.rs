@@ -410,6 +410,8 @@ impl Connection {
         }
         let stream = stream.ok_or_else(|| connect_err(last))?;
         stream.set_nodelay(true).map_err(PgError::Io)?;
+        // A peer that stops reading must not block us forever.
+        stream.set_write_timeout(Some(Duration::from_secs(120))).map_err(PgError::Io)?;
         let stream = negotiate_tls(stream, p)?;
         let mut c = Connection {
             stream,
@@ -424,6 +426,8 @@ impl Connection {
             ("user", p.user.as_str()),
             ("database", p.dbname.as_str()),
             ("application_name", p.application_name.as_str()),
+            // Backslashes in string literals are plain characters (our quoting relies on it).
+            ("standard_conforming_strings", "on"),
             ("client_encoding", "UTF8"),
             ("DateStyle", "ISO, YMD"),
             ("TimeZone", "UTC"),
@@ -791,7 +795,13 @@ impl ReplicationStream {
                     };
                 }
                 b'E' => return Err(server_error(&m.body)),
-                b'c' => return Err(PgError::Protocol("the server ended replication".into())),
+                // The server ends replication when it shuts down: reconnect later.
+                b'c' | b'C' | b'Z' => {
+                    return Err(PgError::Io(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the server ended replication (shutting down?)",
+                    )))
+                }
                 _ => self.conn.background(&m)?,
             }
         }

@@ -347,6 +347,11 @@ impl PgCluster {
         self.stop_with("immediate")
     }
 
+    /// Stops the server cleanly (`pg_ctl stop -m fast`): clients are told it is shutting down.
+    pub fn stop(&mut self) -> Result<()> {
+        self.stop_with("fast")
+    }
+
     /// Starts a stopped server again on the same port.
     pub fn restart(&mut self) -> Result<()> {
         if !self.running {

@@ -57,13 +57,28 @@ fn a_signal_resnapshots_a_table_while_changes_keep_streaming() {
                 (serde_json::json!({"id": v["id"]}).to_string(), v)
             })
             .collect();
-        if incremental >= 900 && fold(&events) == table {
+        let folded = fold(&events);
+        if incremental >= 900 && folded == table {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "incremental snapshot incomplete: {incremental} rows re-read"
-        );
+        if Instant::now() > deadline {
+            let wrong: Vec<_> =
+                table.iter().filter(|(k, v)| folded.get(*k) != Some(v)).take(3).collect();
+            let extra: Vec<_> = folded.keys().filter(|k| !table.contains_key(*k)).take(3).collect();
+            let first =
+                wrong.first().map(|(k, _)| (*k).clone()).or(extra.first().map(|k| (*k).clone()));
+            let detail: Vec<_> = events
+                .iter()
+                .filter(|e| Some(e.key.to_string()) == first)
+                .map(|e| {
+                    let pos = polylog_postgres::event::Position::from_headers(&e.headers);
+                    (e.partition, e.offset, e.value["op"].clone(), e.value["after"].clone(), pos)
+                })
+                .collect();
+            panic!(
+                "{incremental} rows re-read; wrong {wrong:?}; extra {extra:?}; events: {detail:?}"
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     // The signal row itself is not an event, and the state says the snapshot finished.

@@ -71,3 +71,54 @@ fn a_dropped_slot_is_a_loud_error_asking_for_a_new_snapshot() {
     let err = src.wait_failure(Duration::from_secs(30)).to_string();
     assert!(err.contains("\"polylog_app\" was dropped") && err.contains("new snapshot"), "{err}");
 }
+
+#[test]
+fn the_source_rides_out_postgres_restarts() {
+    let mut pg = cluster();
+    pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY)").expect("schema");
+    let dir = TempDir::new("restarts");
+    let log = open_log(&dir.0);
+    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    src.wait_streaming();
+    pg.psql("app", "INSERT INTO t VALUES (1)").expect("insert");
+    wait_for(&*log, "app.public.t", "the first row", |e| e.len() == 1);
+    pg.stop().expect("a clean shutdown");
+    pg.restart().expect("restart");
+    pg.psql("app", "INSERT INTO t VALUES (2)").expect("insert");
+    wait_for(&*log, "app.public.t", "a row after a clean restart", |e| e.len() == 2);
+    pg.crash().expect("an immediate shutdown");
+    pg.restart().expect("restart");
+    pg.psql("app", "INSERT INTO t VALUES (3)").expect("insert");
+    let events = wait_for(&*log, "app.public.t", "a row after a crash", |e| e.len() == 3);
+    assert_eq!(events.iter().filter(|e| e.value["op"] == "c").count(), 3, "each row once");
+    src.stop().expect("clean stop");
+}
+
+#[test]
+fn replica_identity_using_index_keys_events_by_that_index() {
+    let pg = cluster();
+    pg.psql(
+        "app",
+        "CREATE TABLE t (id int PRIMARY KEY, code text NOT NULL UNIQUE, v int);
+         ALTER TABLE t REPLICA IDENTITY USING INDEX t_code_key;
+         INSERT INTO t VALUES (1, 'a', 1), (2, 'b', 2);",
+    )
+    .expect("schema");
+    let dir = TempDir::new("identity-index");
+    let log = open_log(&dir.0);
+    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    wait_for(&*log, "app.public.t", "the snapshot", |e| e.len() == 2);
+    src.wait_streaming();
+    pg.psql("app", "DELETE FROM t WHERE id = 1; UPDATE t SET v = 20 WHERE id = 2")
+        .expect("changes");
+    let events = wait_for(&*log, "app.public.t", "the delete and update", |e| e.len() == 5);
+    let del = events.iter().find(|e| e.value["op"] == "d").expect("delete");
+    assert_eq!(del.key, serde_json::json!({"code": "a"}));
+    assert!(
+        events.iter().any(|e| e.value.is_null() && e.key == serde_json::json!({"code": "a"})),
+        "tombstone"
+    );
+    assert!(events.iter().all(|e| e.key.get("code").is_some()), "every key is the identity index");
+    assert_eq!(crate::support::fold(&events).len(), 1);
+    src.stop().expect("clean stop");
+}
