@@ -664,10 +664,10 @@ impl XidSnapshot {
     /// Whether the snapshot sees the (committed) transaction `xid`, a 32-bit xid as pgoutput
     /// sends it, widened with the snapshot's epoch.
     fn sees(&self, xid: u32) -> bool {
-        let mut full = (self.xmax & !0xffff_ffff) | u64::from(xid);
-        if full > self.xmax {
-            full = full.saturating_sub(1 << 32);
-        }
+        // The 64-bit xid nearest xmax with these low 32 bits (xids are compared modulo 2^32
+        // within half the range, as Postgres does).
+        let delta = i64::from(xid.wrapping_sub(self.xmax as u32) as i32);
+        let Ok(full) = u64::try_from(self.xmax as i64 + delta) else { return true };
         full < self.xmin || (full < self.xmax && !self.in_progress.contains(&full))
     }
 }
@@ -1528,7 +1528,8 @@ mod tests {
         let e = (1u64 << 32) + 10;
         let s = XidSnapshot::parse(&format!("{e}:{}:", e + 5)).expect("snapshot");
         assert!(s.sees(u32::MAX - 3), "from the previous epoch");
-        assert!(!s.sees(12), "in progress or later");
+        assert!(s.sees(12), "committed between xmin and xmax");
+        assert!(!s.sees(16), "at or after xmax");
         assert!(XidSnapshot::parse("garbage").is_none());
     }
 }
