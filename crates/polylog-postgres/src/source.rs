@@ -24,7 +24,7 @@ use crate::event::{self, envelope, key_object, row_object, Converter, Position, 
 use crate::images::{RowImages, TOAST_ROW_BYTES_MIN};
 use crate::pgoutput::{self, format_lsn, parse_lsn, Message, TupleValue};
 use crate::schema::{self, quote_ident, quote_literal, ColumnSchema, TableSchema};
-use crate::state::{SnapshotStatus, SourceState};
+use crate::state::{SnapshotStatus, SourceState, TableProgress};
 use crate::types::PgType;
 use crate::wire::{ConnectParams, Connection, ReplicationMessage, ReplicationStream};
 
@@ -486,6 +486,7 @@ impl PostgresSource {
         let mut pending: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
         let mut pending_n = 0usize;
         let mut ends: HashMap<u32, u64> = HashMap::new();
+        let mut unsaved: Option<(TableProgress, HashMap<u32, u64>)> = None;
         let db = self.params.dbname.clone();
         loop {
             let limit = chunked.then_some(self.cfg.snapshot_chunk_rows);
@@ -524,28 +525,46 @@ impl PostgresSource {
             })?;
             self.append_pending(&topic, &mut pending, &mut ends)?;
             pending_n = 0;
-            for (&p, &end) in &ends {
-                self.log.wait_durable(&topic, p, end, DURABLE_TIMEOUT)?;
-            }
-            images.lock().unwrap_or_else(|e| e.into_inner()).commit(true)?;
             progress.rows += copied;
             if last_key.is_some() {
                 progress.last_key = last_key;
             }
             let finished = !chunked || in_chunk < self.cfg.snapshot_chunk_rows;
             progress.done = finished;
-            {
-                let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
-                g.0.tables.insert(table.qualified(), progress.clone());
-                g.0.save(&self.state_path())?;
+            // A chunk's progress is saved once its records are durable, which is checked after
+            // the next chunk is read: reading goes on while the records reach the disk.
+            if let Some((prev, prev_ends)) = unsaved.replace((progress.clone(), ends.clone())) {
+                self.save_progress(table, &topic, prev, &prev_ends, shared, images)?;
             }
             self.set_status(|s| s.snapshot_rows += copied);
             if finished {
                 break;
             }
         }
+        if let Some((last, last_ends)) = unsaved.take() {
+            self.save_progress(table, &topic, last, &last_ends, shared, images)?;
+        }
         conn.execute("COMMIT")?;
         Ok(())
+    }
+
+    /// Waits until a chunk's records are durable, then records its progress.
+    fn save_progress(
+        &self,
+        table: &TableSchema,
+        topic: &str,
+        progress: TableProgress,
+        ends: &HashMap<u32, u64>,
+        shared: &Mutex<(SourceState, usize)>,
+        images: &Mutex<RowImages>,
+    ) -> Result<(), SourceError> {
+        for (&p, &end) in ends {
+            self.log.wait_durable(topic, p, end, DURABLE_TIMEOUT)?;
+        }
+        images.lock().unwrap_or_else(|e| e.into_inner()).commit(true)?;
+        let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.tables.insert(table.qualified(), progress);
+        g.0.save(&self.state_path())
     }
 
     fn append_pending(
