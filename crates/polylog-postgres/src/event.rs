@@ -1,6 +1,8 @@
 //! Change events: Debezium's envelope, keys, the ordering position carried in headers, and the
 //! conversion of row images to JSON.
 
+use std::io::Write;
+
 use serde_json::Value;
 
 use crate::schema::TableSchema;
@@ -206,8 +208,10 @@ pub struct SourceInfo<'a> {
     pub lsn: Option<u64>,
     pub tx_id: Option<u32>,
     pub ts_ms: i64,
-    /// `"true"`, `"last"` or `"false"`.
+    /// `"true"`, `"incremental"` or `"false"`.
     pub snapshot: &'a str,
+    /// When Polylog processed the change (the envelope's own `ts_ms`).
+    pub processed_ms: i64,
 }
 
 /// A change event value in Debezium's envelope; `before`/`after` are JSON objects or `None`
@@ -222,8 +226,11 @@ pub fn envelope(
     let image_len = before.map_or(4, <[u8]>::len) + after.map_or(4, <[u8]>::len);
     let mut out = Vec::with_capacity(image_len + 256);
     let opt = |out: &mut Vec<u8>, v: Option<&[u8]>| out.extend_from_slice(v.unwrap_or(b"null"));
-    let num = |out: &mut Vec<u8>, v: Option<String>| {
-        out.extend_from_slice(v.as_deref().unwrap_or("null").as_bytes())
+    let num = |out: &mut Vec<u8>, v: Option<u64>| match v {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.extend_from_slice(b"null"),
     };
     out.extend_from_slice(b"{\"before\":");
     opt(&mut out, before);
@@ -231,12 +238,10 @@ pub fn envelope(
     opt(&mut out, after);
     out.extend_from_slice(b",\"op\":");
     write_str(&mut out, op.as_bytes());
-    out.extend_from_slice(
-        format!(
-            ",\"ts_ms\":{},\"source\":{{\"connector\":\"postgresql\",\"name\":",
-            polylog_log::now_ms()
-        )
-        .as_bytes(),
+    let _ = write!(
+        out,
+        ",\"ts_ms\":{},\"source\":{{\"connector\":\"postgresql\",\"name\":",
+        src.processed_ms
     );
     write_str(&mut out, src.name.as_bytes());
     out.extend_from_slice(b",\"db\":");
@@ -246,10 +251,10 @@ pub fn envelope(
     out.extend_from_slice(b",\"table\":");
     write_str(&mut out, table.name.as_bytes());
     out.extend_from_slice(b",\"lsn\":");
-    num(&mut out, src.lsn.map(|l| l.to_string()));
+    num(&mut out, src.lsn);
     out.extend_from_slice(b",\"txId\":");
-    num(&mut out, src.tx_id.map(|t| t.to_string()));
-    out.extend_from_slice(format!(",\"ts_ms\":{},\"snapshot\":", src.ts_ms).as_bytes());
+    num(&mut out, src.tx_id.map(u64::from));
+    let _ = write!(out, ",\"ts_ms\":{},\"snapshot\":", src.ts_ms);
     write_str(&mut out, src.snapshot.as_bytes());
     out.extend_from_slice(b"}}");
     out
@@ -258,14 +263,25 @@ pub fn envelope(
 /// Splits one row of `COPY ... TO STDOUT` text format into raw column values (`\N` is null;
 /// backslash escapes are undone). `out` receives owned bytes per column.
 pub fn parse_copy_row(line: &[u8], out: &mut Vec<Option<Vec<u8>>>) {
-    out.clear();
     let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut n = 0;
     for field in line.split(|&b| b == b'\t') {
-        if field == b"\\N" {
+        if n == out.len() {
             out.push(None);
+        }
+        if field == b"\\N" {
+            out[n] = None;
+            n += 1;
             continue;
         }
-        let mut v = Vec::with_capacity(field.len());
+        // Buffers are reused from row to row.
+        let v = out[n].get_or_insert_with(Vec::new);
+        v.clear();
+        n += 1;
+        if !field.contains(&b'\\') {
+            v.extend_from_slice(field);
+            continue;
+        }
         let mut i = 0;
         while i < field.len() {
             let b = field[i];
@@ -284,30 +300,30 @@ pub fn parse_copy_row(line: &[u8], out: &mut Vec<Option<Vec<u8>>>) {
                 b't' => v.push(b'\t'),
                 b'v' => v.push(11),
                 b'0'..=b'7' => {
-                    let mut n = u32::from(e - b'0');
+                    let mut x = u32::from(e - b'0');
                     let mut k = 0;
                     while k < 2 && i < field.len() && (b'0'..=b'7').contains(&field[i]) {
-                        n = n * 8 + u32::from(field[i] - b'0');
+                        x = x * 8 + u32::from(field[i] - b'0');
                         i += 1;
                         k += 1;
                     }
-                    v.push(n as u8);
+                    v.push(x as u8);
                 }
                 b'x' if i < field.len() && field[i].is_ascii_hexdigit() => {
-                    let mut n = 0u32;
+                    let mut x = 0u32;
                     let mut k = 0;
                     while k < 2 && i < field.len() && field[i].is_ascii_hexdigit() {
-                        n = n * 16 + (field[i] as char).to_digit(16).unwrap_or(0);
+                        x = x * 16 + (field[i] as char).to_digit(16).unwrap_or(0);
                         i += 1;
                         k += 1;
                     }
-                    v.push(n as u8);
+                    v.push(x as u8);
                 }
                 other => v.push(other),
             }
         }
-        out.push(Some(v));
     }
+    out.truncate(n);
 }
 
 #[cfg(test)]

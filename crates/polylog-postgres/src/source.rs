@@ -493,6 +493,8 @@ impl PostgresSource {
             let sql = chunk_sql(table, progress.last_key.as_deref(), limit);
             let mut last_key: Option<Vec<String>> = None;
             let mut in_chunk = 0u64;
+            // One clock reading per chunk: the rows of a chunk are read at one moment anyway.
+            let read_ms = polylog_log::now_ms();
             let copied = conn.copy_out(&sql, |line: &[u8]| -> Result<(), SourceError> {
                 event::parse_copy_row(line, &mut row);
                 // Values in table column order (excluded columns were not selected).
@@ -504,8 +506,9 @@ impl PostgresSource {
                     db: &db,
                     lsn: Some(lsn),
                     tx_id: None,
-                    ts_ms: polylog_log::now_ms(),
+                    ts_ms: read_ms,
                     snapshot: "true",
+                    processed_ms: read_ms,
                 };
                 let value_bytes = envelope(table, "r", None, Some(&after), &src);
                 if row_len(&raws) >= TOAST_ROW_BYTES_MIN {
@@ -1242,6 +1245,7 @@ impl<'a> Streamer<'a> {
             tx_id: None,
             ts_ms: polylog_log::now_ms(),
             snapshot: "incremental",
+            processed_ms: polylog_log::now_ms(),
         };
         let mut emitted = Vec::with_capacity(chunk.rows.len());
         for (i, (key, after)) in chunk.rows.into_iter().enumerate() {
@@ -1275,6 +1279,7 @@ impl<'a> Streamer<'a> {
             tx_id: self.tx.as_ref().map(|t| t.xid),
             ts_ms: self.tx.as_ref().map_or(0, |t| t.commit_time_ms),
             snapshot: "false",
+            processed_ms: polylog_log::now_ms(),
         }
     }
 

@@ -575,6 +575,17 @@ impl Connection {
     /// Reads one message; `None` if `deadline` passes first (no bytes are lost: a partial
     /// message stays buffered).
     fn read_msg(&mut self, deadline: Option<Instant>) -> Result<Option<Msg>, PgError> {
+        Ok(self
+            .next_frame(deadline)?
+            .map(|(kind, body)| Msg { kind, body: self.buf[body].to_vec() }))
+    }
+
+    /// Reads one message and returns its type and where its body is in the buffer (valid until
+    /// the next read), without copying it.
+    fn next_frame(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<(u8, std::ops::Range<usize>)>, PgError> {
         loop {
             let avail = &self.buf[self.start..];
             if avail.len() >= 5 {
@@ -582,9 +593,10 @@ impl Connection {
                 let len = usize::try_from(len).ok().filter(|l| (4..=MESSAGE_BYTES_MAX).contains(l));
                 let len = len.ok_or_else(|| PgError::Protocol("bad message length".into()))?;
                 if avail.len() > len {
-                    let m = Msg { kind: avail[0], body: avail[5..1 + len].to_vec() };
+                    let kind = avail[0];
+                    let body = self.start + 5..self.start + 1 + len;
                     self.start += 1 + len;
-                    return Ok(Some(m));
+                    return Ok(Some((kind, body)));
                 }
             }
             if self.start > 0 && self.start == self.buf.len() {
@@ -675,17 +687,20 @@ impl Connection {
         let mut error: Option<PgError> = None;
         let mut failed: Option<E> = None;
         loop {
-            let m = self.read_required()?;
-            match m.kind {
-                b'H' | b'c' | b'C' | b'T' => {}
-                b'd' => {
-                    if failed.is_none() && error.is_none() {
-                        rows += 1;
-                        if let Err(e) = f(&m.body) {
-                            failed = Some(e); // keep reading to the end so the connection stays usable
-                        }
+            // Rows are handed over straight from the read buffer.
+            let Some((kind, body)) = self.next_frame(None)? else { continue };
+            if kind == b'd' {
+                if failed.is_none() && error.is_none() {
+                    rows += 1;
+                    if let Err(e) = f(&self.buf[body]) {
+                        failed = Some(e); // keep reading to the end so the connection stays usable
                     }
                 }
+                continue;
+            }
+            let m = Msg { kind, body: self.buf[body].to_vec() };
+            match m.kind {
+                b'H' | b'c' | b'C' | b'T' => {}
                 b'E' => error = Some(server_error(&m.body)),
                 b'Z' => {
                     if let Some(e) = failed {
