@@ -13,6 +13,35 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// A fresh directory under the system's temp dir, removed with everything in it when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `polylog-<tag>-<pid>-<n>`; panics if it cannot (tests have nothing better to do).
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("polylog-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        if let Err(e) = std::fs::create_dir_all(&p) {
+            panic!("cannot create {}: {e}", p.display());
+        }
+        TempDir(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Where Debian and Ubuntu install the Postgres 15 server binaries.
 pub const DEFAULT_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// Overrides [`DEFAULT_PG_BIN`].

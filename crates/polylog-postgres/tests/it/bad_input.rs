@@ -43,7 +43,7 @@ fn passwords_are_checked_with_scram_and_md5_and_a_wrong_one_is_named() {
     let dir = TempDir::new("badpw");
     let mut cfg = config(&pg, "");
     cfg.url = format!("postgres://scram_user:wrong@127.0.0.1:{port}/app");
-    let src = Running::start("app", cfg, open_log(&dir.0), &dir.0);
+    let src = Running::start("app", cfg, open_log(dir.path()), dir.path());
     let err = src.wait_failure(Duration::from_secs(30)).to_string();
     assert!(err.contains("password authentication failed"), "{err}");
 
@@ -51,10 +51,10 @@ fn passwords_are_checked_with_scram_and_md5_and_a_wrong_one_is_named() {
     pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY); ALTER TABLE t OWNER TO scram_user; INSERT INTO t VALUES (1)")
         .expect("table");
     let dir = TempDir::new("scram");
-    let log = open_log(&dir.0);
+    let log = open_log(dir.path());
     let mut cfg = config(&pg, "");
     cfg.url = format!("postgres://scram_user:s%C3%A9cret%20pw@127.0.0.1:{port}/app");
-    let src = Running::start("app", cfg, log.clone(), &dir.0);
+    let src = Running::start("app", cfg, log.clone(), dir.path());
     wait_for(&*log, "app.public.t", "the snapshot", |e| e.len() == 1);
     src.stop().expect("clean stop");
 }
@@ -70,7 +70,7 @@ fn an_unreachable_server_is_retried_with_backoff_and_shown_in_status() {
     let cfg: polylog_postgres::PostgresSourceConfig =
         toml::from_str(&format!("url = \"postgres://postgres@127.0.0.1:{port}/app\""))
             .expect("config");
-    let src = Running::start("app", cfg, open_log(&dir.0), &dir.0);
+    let src = Running::start("app", cfg, open_log(dir.path()), dir.path());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let st = src.source.status.lock().expect("status").clone();
@@ -99,7 +99,7 @@ fn a_missing_replication_privilege_is_named() {
     let dir = TempDir::new("noreplication");
     let mut cfg = config(&pg, "");
     cfg.url = format!("postgres://plain@127.0.0.1:{}/app", pg.port());
-    let src = Running::start("app", cfg, open_log(&dir.0), &dir.0);
+    let src = Running::start("app", cfg, open_log(dir.path()), dir.path());
     let err = src.wait_failure(Duration::from_secs(30)).to_string();
     assert!(
         err.contains("REPLICATION privilege") && err.contains("ALTER ROLE \"plain\" REPLICATION"),
@@ -113,7 +113,7 @@ fn wal_level_not_logical_says_how_to_fix_it() {
     pg.create_database("app").expect("db");
     pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY)").expect("table");
     let dir = TempDir::new("wallevel");
-    let src = Running::start("app", config(&pg, ""), open_log(&dir.0), &dir.0);
+    let src = Running::start("app", config(&pg, ""), open_log(dir.path()), dir.path());
     let err = src.wait_failure(Duration::from_secs(30)).to_string();
     assert!(
         err.contains("wal_level is \"replica\"")
@@ -132,8 +132,8 @@ fn a_type_polylog_does_not_know_is_passed_as_text() {
     )
     .expect("schema");
     let dir = TempDir::new("unknowntype");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, ""), log.clone(), dir.path());
     src.wait_streaming();
     pg.psql("app", "INSERT INTO docs VALUES (2, 'a b', '(3,4)')").expect("insert");
     let events = wait_for(&*log, "app.public.docs", "both rows", |e| e.len() == 2);

@@ -190,7 +190,7 @@ fn kill_9_at_random_loses_and_duplicates_nothing() {
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
     let mut kills = 0;
     while kills < 30 || !(done.load(Ordering::SeqCst) || workload.is_finished()) {
-        let mut child = spawn_child(&dir.0, &config);
+        let mut child = spawn_child(dir.path(), &config);
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -201,8 +201,8 @@ fn kill_9_at_random_loses_and_duplicates_nothing() {
     }
     workload.join().expect("workload");
     // A last run, left to catch up.
-    let mut child = spawn_child(&dir.0, &config);
-    wait_converged(&pg, &dir.0.join("log"), &["t1", "t2"]);
+    let mut child = spawn_child(dir.path(), &config);
+    wait_converged(&pg, &dir.path().join("log"), &["t1", "t2"]);
     child.kill().expect("kill");
     child.wait().expect("reap");
     eprintln!("crash test: {kills} kills");
@@ -215,8 +215,8 @@ fn a_killed_snapshot_resumes_from_its_last_chunk() {
         .expect("schema");
     let dir = TempDir::new("snapcrash");
     let config = format!("url = \"{}\"\nsnapshot_chunk_rows = 5000\n", pg.url("app"));
-    let state_path = dir.0.join("sources").join("app").join("state.json");
-    let mut child = spawn_child(&dir.0, &config);
+    let state_path = dir.path().join("sources").join("app").join("state.json");
+    let mut child = spawn_child(dir.path(), &config);
     // Kill it once some chunks are stored, but before the end.
     let deadline = Instant::now() + Duration::from_secs(60);
     let rows_done = |p: &std::path::Path| -> u64 {
@@ -233,12 +233,12 @@ fn a_killed_snapshot_resumes_from_its_last_chunk() {
     child.wait().expect("reap");
     let at_kill = rows_done(&state_path);
     assert!(at_kill < 200_000, "killed before the end ({at_kill} rows stored)");
-    let mut child = spawn_child(&dir.0, &config);
-    wait_converged_snapshot(&dir.0, 200_000);
+    let mut child = spawn_child(dir.path(), &config);
+    wait_converged_snapshot(dir.path(), 200_000);
     child.kill().expect("kill");
     child.wait().expect("reap");
     let o = LogOptions { maintenance_interval_ms: 0, ..LogOptions::default() };
-    let log = EmbeddedLog::open_read_only(dir.0.join("log"), o).expect("read log");
+    let log = EmbeddedLog::open_read_only(dir.path().join("log"), o).expect("read log");
     let events = read_topic(&log, "app.public.big");
     // Resumed, not restarted: at most the chunk in flight at the kill is read twice.
     assert!(
@@ -285,9 +285,9 @@ fn a_five_million_row_transaction_streams_in_bounded_memory() {
     pg.psql("app", "CREATE TABLE big (id int PRIMARY KEY, v int)").expect("schema");
     let dir = TempDir::new("bigtx");
     let config = format!("url = \"{}\"\n", pg.url("app"));
-    let mut child = spawn_child(&dir.0, &config);
+    let mut child = spawn_child(dir.path(), &config);
     // Wait until it streams (its state file says the snapshot is done).
-    let state = dir.0.join("sources").join("app").join("state.json");
+    let state = dir.path().join("sources").join("app").join("state.json");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"done\"")) {
         assert!(Instant::now() < deadline, "the source did not start");
@@ -299,7 +299,7 @@ fn a_five_million_row_transaction_streams_in_bounded_memory() {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let o = LogOptions { maintenance_interval_ms: 0, ..LogOptions::default() };
-        let log = EmbeddedLog::open_read_only(dir.0.join("log"), o).expect("read log");
+        let log = EmbeddedLog::open_read_only(dir.path().join("log"), o).expect("read log");
         let d = log.describe_topic("app.public.big").expect("topic");
         let n: u64 = d.partitions.iter().map(|p| p.end_offset).sum();
         if n >= ROWS {

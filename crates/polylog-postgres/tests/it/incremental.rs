@@ -15,12 +15,12 @@ fn a_signal_resnapshots_a_table_while_changes_keep_streaming() {
     )
     .expect("schema");
     let dir = TempDir::new("incremental");
-    let log = open_log(&dir.0);
+    let log = open_log(dir.path());
     let cfg = config(
         &pg,
         "tables = [\"public.t\"]\nsignal_table = \"public.polylog_signal\"\nsnapshot_chunk_rows = 100",
     );
-    let src = Running::start("app", cfg, log.clone(), &dir.0);
+    let src = Running::start("app", cfg, log.clone(), dir.path());
     wait_for(&*log, "app.public.t", "the initial snapshot", |e| e.len() == 1000);
     src.wait_streaming();
     pg.psql(
@@ -84,6 +84,6 @@ fn a_signal_resnapshots_a_table_while_changes_keep_streaming() {
     // The signal row itself is not an event, and the state says the snapshot finished.
     assert!(read_topic(&*log, "app.public.polylog_signal").is_empty());
     src.stop().expect("clean stop");
-    let state = std::fs::read_to_string(dir.0.join("sources/app/state.json")).expect("state");
+    let state = std::fs::read_to_string(dir.path().join("sources/app/state.json")).expect("state");
     assert!(state.contains("\"incremental\": null") && state.contains("resync-1"), "{state}");
 }

@@ -20,7 +20,7 @@ fn heartbeats_advance_the_slot_while_other_tables_churn() {
     pg.psql("other", "CREATE TABLE busy (id int PRIMARY KEY, pad text)").expect("schema");
     let dir = TempDir::new("heartbeat");
     let cfg = config(&pg, "tables = [\"public.quiet\"]\nheartbeat_interval_ms = 200");
-    let src = Running::start("app", cfg, open_log(&dir.0), &dir.0);
+    let src = Running::start("app", cfg, open_log(dir.path()), dir.path());
     src.wait_streaming();
     for i in 0..50 {
         // Churn in a table the source does not capture, and in another database.
@@ -56,8 +56,8 @@ fn a_dropped_slot_is_a_loud_error_asking_for_a_new_snapshot() {
     pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
         .expect("schema");
     let dir = TempDir::new("dropped");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, ""), log.clone(), dir.path());
     wait_for(&*log, "app.public.t", "the snapshot", |e| e.len() == 1);
     src.wait_streaming();
     // Kick the source off its slot and drop the slot before it reconnects.
@@ -77,8 +77,8 @@ fn the_source_rides_out_postgres_restarts() {
     let mut pg = cluster();
     pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY)").expect("schema");
     let dir = TempDir::new("restarts");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, ""), log.clone(), dir.path());
     src.wait_streaming();
     pg.psql("app", "INSERT INTO t VALUES (1)").expect("insert");
     wait_for(&*log, "app.public.t", "the first row", |e| e.len() == 1);
@@ -105,8 +105,8 @@ fn replica_identity_using_index_keys_events_by_that_index() {
     )
     .expect("schema");
     let dir = TempDir::new("identity-index");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, ""), log.clone(), dir.path());
     wait_for(&*log, "app.public.t", "the snapshot", |e| e.len() == 2);
     src.wait_streaming();
     pg.psql("app", "DELETE FROM t WHERE id = 1; UPDATE t SET v = 20 WHERE id = 2")

@@ -15,9 +15,9 @@ fn snapshot_then_stream_produces_debezium_events() {
     )
     .expect("schema");
     let dir = TempDir::new("stream");
-    let log = open_log(&dir.0);
+    let log = open_log(dir.path());
     let cfg = config(&pg, "exclude_tables = [\"public.audit_log\"]");
-    let src = Running::start("app", cfg, log.clone(), &dir.0);
+    let src = Running::start("app", cfg, log.clone(), dir.path());
 
     // The snapshot: one "r" event per row, keyed by primary key.
     let snap = wait_for(&*log, "app.public.videos", "the snapshot", |e| e.len() == 2);
@@ -106,8 +106,8 @@ fn schema_changes_show_in_later_events() {
     )
     .expect("schema");
     let dir = TempDir::new("ddl");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, ""), log.clone(), dir.path());
     wait_for(&*log, "app.public.t", "the snapshot", |e| e.len() == 1);
     pg.psql("app", "INSERT INTO t VALUES (2, 'x', 'y')").expect("insert");
     pg.psql("app", "ALTER TABLE t ADD COLUMN c int; INSERT INTO t VALUES (3, 'x', 'y', 3)")
@@ -144,8 +144,8 @@ fn a_table_without_a_primary_key_is_refused_with_the_fix() {
     let pg = cluster();
     pg.psql("app", "CREATE TABLE events (at timestamptz, what text)").expect("schema");
     let dir = TempDir::new("nopk");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, ""), log, &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, ""), log, dir.path());
     let err = src.wait_failure(std::time::Duration::from_secs(30)).to_string();
     assert!(
         err.contains("public.events has no primary key") && err.contains("REPLICA IDENTITY FULL"),
@@ -158,8 +158,8 @@ fn positions_are_unique_and_increasing_in_every_partition() {
     let pg = cluster();
     pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY, v int)").expect("schema");
     let dir = TempDir::new("positions");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, "snapshot = \"never\""), log.clone(), &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, "snapshot = \"never\""), log.clone(), dir.path());
     assert_eq!(src.source.table_topic("public", "t"), "app.public.t");
     src.wait_streaming();
     pg.psql(
@@ -202,13 +202,13 @@ fn excluded_columns_are_left_out_and_masked_columns_hashed() {
     // The masking key comes from the environment; each test uses its own variable.
     std::env::set_var("POLYLOG_TEST_MASK_KEY", "k1");
     let dir = TempDir::new("pii");
-    let log = open_log(&dir.0);
+    let log = open_log(dir.path());
     let cfg = config(
         &pg,
         "exclude_columns = [\"public.users.password_hash\"]\nmask_columns = [\"public.*.email\"]\n\
          mask_key_env = \"POLYLOG_TEST_MASK_KEY\"",
     );
-    let src = Running::start("app", cfg, log.clone(), &dir.0);
+    let src = Running::start("app", cfg, log.clone(), dir.path());
     src.wait_streaming();
     pg.psql("app", "INSERT INTO users VALUES (2, 'a@example.com', 'other-hash', 'Bob')")
         .expect("insert");
@@ -235,8 +235,8 @@ fn truncate_is_an_event_and_snapshot_always_resnapshots_on_start() {
     pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)")
         .expect("schema");
     let dir = TempDir::new("truncate");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, "snapshot = \"always\""), log.clone(), &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, "snapshot = \"always\""), log.clone(), dir.path());
     wait_for(&*log, "app.public.t", "the first snapshot", |e| e.len() == 2);
     src.wait_streaming();
     pg.psql("app", "TRUNCATE t; INSERT INTO t VALUES (3)").expect("truncate");
@@ -246,7 +246,7 @@ fn truncate_is_an_event_and_snapshot_always_resnapshots_on_start() {
     assert_eq!(t.value["source"]["table"], "t");
     src.stop().expect("stop");
     // `always`: a new slot and a new snapshot on every start.
-    let src = Running::start("app", config(&pg, "snapshot = \"always\""), log.clone(), &dir.0);
+    let src = Running::start("app", config(&pg, "snapshot = \"always\""), log.clone(), dir.path());
     let events = wait_for(&*log, "app.public.t", "the second snapshot", |e| {
         e.iter().filter(|x| x.value["op"] == "r").count() == 3
     });

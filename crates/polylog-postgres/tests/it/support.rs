@@ -1,6 +1,5 @@
 //! Helpers: a cluster with a database, a log, a running source, and topic readers.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,27 +10,7 @@ use polylog_postgres::{PostgresSource, PostgresSourceConfig, SourceError, Source
 use polylog_testkit::PgCluster;
 use serde_json::Value;
 
-/// A directory removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::AtomicU64;
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p =
-            std::env::temp_dir().join(format!("polylog-pg-it-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use polylog_testkit::TempDir;
 
 /// A cluster with database `app`.
 pub fn cluster() -> PgCluster {

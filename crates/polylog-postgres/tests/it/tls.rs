@@ -60,14 +60,14 @@ fn require_fails_against_a_server_without_tls_and_the_source_streams_over_tls() 
     )
     .expect("TLS only");
     let dir = TempDir::new("tls");
-    let log = open_log(&dir.0);
+    let log = open_log(dir.path());
     let mut cfg = config(&pg, "");
     cfg.url = format!(
         "postgres://postgres@localhost:{}/app?sslmode=verify-full&sslrootcert={}",
         pg.port(),
         pg.tls_ca().display()
     );
-    let src = Running::start("app", cfg, log.clone(), &dir.0);
+    let src = Running::start("app", cfg, log.clone(), dir.path());
     wait_for(&*log, "app.public.t", "the snapshot over TLS", |e| e.len() == 1);
     src.wait_streaming();
     pg.psql("app", "INSERT INTO t VALUES (2)").expect("insert");

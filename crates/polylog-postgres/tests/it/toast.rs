@@ -16,8 +16,8 @@ fn unchanged_toasted_columns_are_filled_from_the_last_image() {
         |id: i32| pg.psql("app", &format!("SELECT body FROM docs WHERE id = {id}")).expect("body");
     let body1 = body_of(1);
     let dir = TempDir::new("toast");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, ""), log.clone(), dir.path());
     src.wait_streaming();
     pg.psql(
         "app",
@@ -44,7 +44,7 @@ fn unchanged_toasted_columns_are_filled_from_the_last_image() {
     assert_eq!(update(2)["body"], body2.as_str(), "filled from the streamed insert's image");
     // After a restart the images are still there.
     src.stop().expect("stop");
-    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    let src = Running::start("app", config(&pg, ""), log.clone(), dir.path());
     src.wait_streaming();
     pg.psql("app", "UPDATE docs SET title = 'again' WHERE id = 1").expect("update");
     let events = wait_for(&*log, "app.public.docs", "the third update", |e| {
@@ -62,8 +62,8 @@ fn a_toasted_value_never_seen_gets_the_documented_placeholder() {
     pg.psql("app", &format!("CREATE TABLE docs (id int PRIMARY KEY, title text, body text); INSERT INTO docs VALUES (1, 'one', {BIG})"))
         .expect("schema");
     let dir = TempDir::new("toast-unknown");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, "snapshot = \"never\""), log.clone(), &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, "snapshot = \"never\""), log.clone(), dir.path());
     src.wait_streaming();
     pg.psql("app", "UPDATE docs SET title = 'ONE' WHERE id = 1").expect("update");
     let events = wait_for(&*log, "app.public.docs", "the update", |e| e.len() == 1);

@@ -66,8 +66,8 @@ fn every_type_round_trips_through_snapshot_and_stream() {
     )
     .expect("schema and snapshot rows");
     let dir = TempDir::new("types");
-    let log = open_log(&dir.0);
-    let src = Running::start("app", config(&pg, ""), log.clone(), &dir.0);
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, ""), log.clone(), dir.path());
     let snap = wait_for(&*log, "app.public.all_types", "the snapshot", |e| e.len() == 2);
     check(&snap, 1, "snapshot");
     src.wait_streaming();

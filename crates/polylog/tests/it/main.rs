@@ -1,27 +1,11 @@
 //! The `polylog` binary as a user runs it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("polylog-cli-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use polylog_testkit::TempDir;
 
 fn polylog(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_polylog"));
@@ -64,12 +48,12 @@ fn lines(text: &str) -> Vec<serde_json::Value> {
 #[test]
 fn produce_then_tail_prints_the_documented_json_lines() {
     let d = TempDir::new("tail");
-    ok(&d.0, &["topics", "create", "videos", "--partitions", "2"], "");
+    ok(d.path(), &["topics", "create", "videos", "--partitions", "2"], "");
     let input = "{\"id\":1}\t{\"title\":\"a\"}\n{\"id\":2}\tplain text\nno key here\n\n{\"id\":1}\t{\"title\":\"b\"}\n";
-    let out = run(&d.0, &["topics", "produce", "videos"], input);
+    let out = run(d.path(), &["topics", "produce", "videos"], input);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("produced 4 record(s)"));
-    let all = lines(&ok(&d.0, &["topics", "tail", "videos", "--from-beginning"], ""));
+    let all = lines(&ok(d.path(), &["topics", "tail", "videos", "--from-beginning"], ""));
     assert_eq!(all.len(), 4);
     let first = &all.iter().find(|v| v["key"]["id"] == 1).expect("id 1");
     // Field order and shape as DESIGN 3.7 documents.
@@ -86,16 +70,16 @@ fn produce_then_tail_prints_the_documented_json_lines() {
     assert_eq!(id1[1]["value"]["title"], "b");
     // Without --from-beginning: the last -n records per partition.
     let last = lines(&ok(
-        &d.0,
+        d.path(),
         &["topics", "tail", "videos", "-n", "1", "--partition", &id1[1]["partition"].to_string()],
         "",
     ));
     assert_eq!(last.len(), 1);
     assert_eq!(last[0]["value"]["title"], "b");
-    let listed = ok(&d.0, &["topics", "list"], "");
+    let listed = ok(d.path(), &["topics", "list"], "");
     assert!(listed.contains("videos") && listed.contains("PARTITIONS"), "{listed}");
     let described: serde_json::Value =
-        serde_json::from_str(&ok(&d.0, &["topics", "describe", "videos", "--json"], ""))
+        serde_json::from_str(&ok(d.path(), &["topics", "describe", "videos", "--json"], ""))
             .expect("json");
     assert_eq!(described["partitions"].as_array().expect("partitions").len(), 2);
 }
@@ -103,8 +87,8 @@ fn produce_then_tail_prints_the_documented_json_lines() {
 #[test]
 fn tail_follow_sees_records_another_process_produces() {
     let d = TempDir::new("follow");
-    ok(&d.0, &["topics", "create", "events"], "");
-    let mut tail = polylog(&d.0)
+    ok(d.path(), &["topics", "create", "events"], "");
+    let mut tail = polylog(d.path())
         .args(["topics", "tail", "events", "--follow"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -118,8 +102,8 @@ fn tail_follow_sees_records_another_process_produces() {
         }
     });
     std::thread::sleep(Duration::from_millis(300));
-    ok(&d.0, &["topics", "produce", "events"], "k\tfirst\n");
-    ok(&d.0, &["topics", "produce", "events"], "k\tsecond\n");
+    ok(d.path(), &["topics", "produce", "events"], "k\tfirst\n");
+    ok(d.path(), &["topics", "produce", "events"], "k\tsecond\n");
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while got.len() < 2 && Instant::now() < deadline {
@@ -137,11 +121,11 @@ fn tail_follow_sees_records_another_process_produces() {
 #[test]
 fn config_errors_name_the_key() {
     let d = TempDir::new("config");
-    std::fs::write(d.0.join("polylog.toml"), "[log]\nfsync = \"sometimes\"\n").expect("write");
-    let e = fails(&d.0, &["topics", "list"], "");
+    std::fs::write(d.path().join("polylog.toml"), "[log]\nfsync = \"sometimes\"\n").expect("write");
+    let e = fails(d.path(), &["topics", "list"], "");
     assert!(e.contains("`log.fsync`") && e.contains("sometimes") && e.contains("line 2"), "{e}");
     std::fs::write(
-        d.0.join("other.toml"),
+        d.path().join("other.toml"),
         "[sources.app]\nkind = \"postgres\"\nurl = \"postgres://x/y\"\ntabels = []\n",
     )
     .expect("write");
@@ -149,40 +133,40 @@ fn config_errors_name_the_key() {
     for args in
         [&["-c", "other.toml", "config", "check"][..], &["config", "check", "-c", "other.toml"]]
     {
-        let e = fails(&d.0, args, "");
+        let e = fails(d.path(), args, "");
         assert!(e.contains("`sources.app`") && e.contains("unknown field `tabels`"), "{e}");
     }
-    let e = fails(&d.0, &["-c", "missing.toml", "config", "check"], "");
+    let e = fails(d.path(), &["-c", "missing.toml", "config", "check"], "");
     assert!(e.contains("missing.toml"), "{e}");
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/polylog.example.toml"),
-        d.0.join("example.toml"),
+        d.path().join("example.toml"),
     )
     .expect("copy example");
-    let out = ok(&d.0, &["-c", "example.toml", "config", "check"], "");
+    let out = ok(d.path(), &["-c", "example.toml", "config", "check"], "");
     assert!(out.contains("1 source(s), 1 view(s), 2 sink(s), 1 rollup(s), a collector"), "{out}");
 }
 
 #[test]
 fn refusals_are_clear_and_change_nothing() {
     let d = TempDir::new("refuse");
-    let e = fails(&d.0, &["topics", "list"], "");
+    let e = fails(d.path(), &["topics", "list"], "");
     assert!(e.contains("no Polylog data directory"), "{e}");
-    let e = fails(&d.0, &["topics", "create", "bad/name"], "");
+    let e = fails(d.path(), &["topics", "create", "bad/name"], "");
     assert!(e.contains("invalid topic name"), "{e}");
-    let e = fails(&d.0, &["topics", "produce", "nope"], "x\ty\n");
+    let e = fails(d.path(), &["topics", "produce", "nope"], "x\ty\n");
     assert!(e.contains("does not exist") && e.contains("--create"), "{e}");
-    let e = fails(&d.0, &["topics", "tail", "nope"], "");
+    let e = fails(d.path(), &["topics", "tail", "nope"], "");
     assert!(e.contains("does not exist"), "{e}");
     // A directory with other contents is not taken over.
-    std::fs::create_dir_all(d.0.join("mine")).expect("mkdir");
-    std::fs::write(d.0.join("mine/notes.txt"), "keep").expect("write");
-    let e = fails(&d.0, &["--data-dir", "mine", "topics", "create", "t"], "");
+    std::fs::create_dir_all(d.path().join("mine")).expect("mkdir");
+    std::fs::write(d.path().join("mine/notes.txt"), "keep").expect("write");
+    let e = fails(d.path(), &["--data-dir", "mine", "topics", "create", "t"], "");
     assert!(e.contains("not a Polylog data directory"), "{e}");
-    assert_eq!(std::fs::read_dir(d.0.join("mine")).expect("ls").count(), 1);
+    assert_eq!(std::fs::read_dir(d.path().join("mine")).expect("ls").count(), 1);
     // A second writer is refused while the first holds the directory.
-    ok(&d.0, &["topics", "create", "t"], "");
-    let mut holder = polylog(&d.0)
+    ok(d.path(), &["topics", "create", "t"], "");
+    let mut holder = polylog(d.path())
         .args(["topics", "produce", "t"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -192,24 +176,24 @@ fn refusals_are_clear_and_change_nothing() {
     let mut stdin = holder.stdin.take().expect("stdin");
     stdin.write_all(b"a\t1\n").expect("write");
     std::thread::sleep(Duration::from_millis(500));
-    let e = fails(&d.0, &["topics", "produce", "t"], "b\t2\n");
+    let e = fails(d.path(), &["topics", "produce", "t"], "b\t2\n");
     assert!(e.contains("in use by another polylog process") && e.contains("pid"), "{e}");
     drop(stdin);
     assert!(holder.wait().expect("producer exits").success());
-    let all = lines(&ok(&d.0, &["topics", "tail", "t", "--from-beginning"], ""));
+    let all = lines(&ok(d.path(), &["topics", "tail", "t", "--from-beginning"], ""));
     assert_eq!(all.len(), 1, "only the first producer's record is there");
 }
 
 #[test]
 fn quickstart_runs_on_a_fresh_machine() {
     let d = TempDir::new("quickstart");
-    let out = ok(&d.0, &["quickstart", "--events", "20000"], "");
+    let out = ok(d.path(), &["quickstart", "--events", "20000"], "");
     assert!(out.contains("Done: 20000 events"), "{out}");
     assert!(out.contains("Next, try:"), "{out}");
-    let listed = ok(&d.0, &["--data-dir", "polylog-quickstart", "topics", "list"], "");
+    let listed = ok(d.path(), &["--data-dir", "polylog-quickstart", "topics", "list"], "");
     assert!(listed.contains("quickstart.public.videos"), "{listed}");
     // Running it again adds to the same topic.
-    let again = ok(&d.0, &["quickstart", "--events", "1000"], "");
+    let again = ok(d.path(), &["quickstart", "--events", "1000"], "");
     assert!(again.contains("exists from an earlier run"), "{again}");
 }
 
@@ -221,14 +205,14 @@ fn run_captures_changes_and_status_shows_them_until_sigterm() {
         .expect("schema");
     let d = TempDir::new("run");
     std::fs::write(
-        d.0.join("polylog.toml"),
+        d.path().join("polylog.toml"),
         format!(
             "[sources.app]\nkind = \"postgres\"\nurl = \"{}\"\nstatus_interval_ms = 100\n",
             pg.url("app")
         ),
     )
     .expect("config");
-    let run = polylog(&d.0)
+    let run = polylog(d.path())
         .args(["run"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -239,7 +223,7 @@ fn run_captures_changes_and_status_shows_them_until_sigterm() {
     while seen.len() < 2 {
         assert!(Instant::now() < deadline, "run did not capture: {seen:?}");
         std::thread::sleep(Duration::from_millis(200));
-        let out = run_cmd(&d.0, &["topics", "tail", "app.public.t", "--from-beginning"]);
+        let out = run_cmd(d.path(), &["topics", "tail", "app.public.t", "--from-beginning"]);
         seen = out.lines().map(String::from).collect();
         if seen.len() == 1 {
             pg.psql("app", "INSERT INTO t VALUES (2, 'two') ON CONFLICT DO NOTHING")
@@ -252,10 +236,10 @@ fn run_captures_changes_and_status_shows_them_until_sigterm() {
     assert_eq!(ops[1]["value"]["op"], "c");
     // The running process reports its status every second.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut status = ok(&d.0, &["status"], "");
+    let mut status = ok(d.path(), &["status"], "");
     while !status.contains("streaming") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        status = ok(&d.0, &["status"], "");
+        status = ok(d.path(), &["status"], "");
     }
     assert!(
         status.contains("app") && status.contains("streaming") && status.contains("SLOT LAG"),
@@ -268,7 +252,7 @@ fn run_captures_changes_and_status_shows_them_until_sigterm() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "run exits cleanly on SIGTERM: {stderr}");
     assert!(stderr.contains("stopped"), "{stderr}");
-    let status = ok(&d.0, &["status"], "");
+    let status = ok(d.path(), &["status"], "");
     assert!(status.contains("stopped") || status.contains("not running"), "{status}");
 }
 
