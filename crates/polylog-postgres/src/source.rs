@@ -642,6 +642,8 @@ struct Streamer<'a> {
     chunk_seq: u64,
     /// Distinguishes this run's watermarks from replayed ones of earlier runs.
     run_token: String,
+    /// The last shape recorded in the schema history topic, by table.
+    recorded_schemas: HashMap<String, Value>,
 }
 
 /// One chunk of an incremental snapshot (DBLog), read in a snapshot and held until the high
@@ -837,6 +839,7 @@ impl<'a> Streamer<'a> {
             state_dirty: false,
             chunk: None,
             chunk_seq: 0,
+            recorded_schemas: HashMap::new(),
             run_token: format!(
                 "{}-{}",
                 std::process::id(),
@@ -847,7 +850,33 @@ impl<'a> Streamer<'a> {
         }
     }
 
+    /// Reads what the schema history topic already records (it holds a record per shape
+    /// change, so it stays small).
+    fn load_recorded_schemas(&mut self) -> Result<(), SourceError> {
+        let topic = self.src.schema_topic();
+        let end = self.src.log.durable_offset(&topic, 0)?;
+        let mut reader = self.src.log.reader(&topic, 0, StartAt::Beginning)?;
+        while reader.position() < end {
+            let records = reader.poll(1000, Duration::ZERO)?;
+            if records.is_empty() {
+                break;
+            }
+            for r in records {
+                let v: Value = r
+                    .value
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or_default();
+                if let Some(table) = v["table"].as_str() {
+                    self.recorded_schemas.insert(table.to_string(), v["columns"].clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn run(&mut self, stop: &AtomicBool) -> Result<(), SourceError> {
+        self.load_recorded_schemas()?;
         let interval = Duration::from_millis(self.src.cfg.status_interval_ms.max(10));
         loop {
             if stop.load(Ordering::SeqCst) {
@@ -1379,17 +1408,19 @@ impl<'a> Streamer<'a> {
             columns,
             key,
         };
-        let changed = self.relations.get(&r.oid).is_none_or(|t| t.schema != schema);
-        if changed {
+        let columns: Value = schema.columns.iter().enumerate().map(|(i, c)| json!({
+            "name": c.name, "type": c.type_name, "type_oid": c.type_oid, "key": schema.key.contains(&i),
+            "excluded": c.excluded, "masked": c.masked,
+        })).collect();
+        // Recorded once per shape, not once per (re)start.
+        if self.recorded_schemas.get(&qualified) != Some(&columns) {
+            self.recorded_schemas.insert(qualified.clone(), columns.clone());
             let history = json!({
                 "source": self.src.name,
                 "table": qualified,
                 "lsn": wal,
                 "ts_ms": polylog_log::now_ms(),
-                "columns": schema.columns.iter().enumerate().map(|(i, c)| json!({
-                    "name": c.name, "type": c.type_name, "type_oid": c.type_oid, "key": schema.key.contains(&i),
-                    "excluded": c.excluded, "masked": c.masked,
-                })).collect::<Vec<_>>(),
+                "columns": columns,
             });
             let pos = self.position(wal);
             self.emit_json(

@@ -54,6 +54,9 @@ fn unchanged_toasted_columns_are_filled_from_the_last_image() {
         events.iter().rfind(|e| e.value["op"] == "u" && e.key == json!({"id": 1})).expect("update");
     assert_eq!(last.value["after"]["body"], body1.as_str());
     src.stop().expect("stop");
+    // The restart did not record the unchanged shape again.
+    let history = crate::support::read_topic(&*log, "app.schema-history");
+    assert_eq!(history.len(), 1, "{history:?}");
 }
 
 #[test]
