@@ -143,9 +143,17 @@ pub fn status(config: &Config) -> anyhow::Result<()> {
             Ok(None) => ("missing".into(), "-".into()),
             Err(e) => ("unreachable".into(), format!("({e})")),
         };
+        let snapshot = match (r["snapshot_rows"].as_u64(), r["snapshot_rows_estimate"].as_u64()) {
+            (Some(done), Some(total)) if total > 0 => {
+                format!("{done}/~{total} rows ({:.0}%)", 100.0 * done as f64 / total as f64)
+            }
+            (Some(done), _) if done > 0 => format!("{done} rows"),
+            _ => "-".into(),
+        };
         rows.push(vec![
             name.clone(),
             state,
+            snapshot,
             r["flushed_lsn"].as_str().unwrap_or("-").to_string(),
             slot_state,
             lag,
