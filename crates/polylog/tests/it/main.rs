@@ -245,6 +245,8 @@ fn run_captures_changes_and_status_shows_them_until_sigterm() {
         status.contains("app") && status.contains("streaming") && status.contains("SLOT LAG"),
         "{status}"
     );
+    // The one-row table's snapshot, as progress: "1/~N rows (..%)" or "1 rows" without an estimate.
+    assert!(status.contains(" 1/~") || status.contains(" 1 rows"), "snapshot progress: {status}");
     let killed =
         Command::new("kill").args(["-TERM", &run.id().to_string()]).status().expect("kill");
     assert!(killed.success());
