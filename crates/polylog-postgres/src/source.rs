@@ -24,7 +24,7 @@ use crate::event::{self, envelope, key_object, row_object, Converter, Position, 
 use crate::images::{RowImages, TOAST_ROW_BYTES_MIN};
 use crate::pgoutput::{self, format_lsn, parse_lsn, Message, TupleValue};
 use crate::schema::{self, quote_ident, quote_literal, ColumnSchema, TableSchema};
-use crate::state::{SnapshotStatus, SourceState, TableProgress};
+use crate::state::{RangeProgress, SnapshotStatus, SourceState, TableProgress};
 use crate::types::PgType;
 use crate::wire::{ConnectParams, Connection, ReplicationMessage, ReplicationStream};
 
@@ -393,6 +393,22 @@ impl PostgresSource {
             s.snapshot_rows = done_rows;
             s.snapshot_rows_estimate = estimate + done_rows;
         });
+        // Key ranges: planned once per table and kept in the state, so a resumed snapshot
+        // continues each range where it stopped.
+        let mut units: Vec<(&TableSchema, usize)> = Vec::new();
+        {
+            let mut conn = Connection::connect(&self.params, false)?;
+            for t in &todo {
+                let p = state.tables.entry(t.qualified()).or_default();
+                if p.ranges.is_empty() {
+                    p.ranges = self.plan_ranges(&mut conn, t, p)?;
+                }
+                units.extend(
+                    p.ranges.iter().enumerate().filter(|(_, r)| !r.done).map(|(i, _)| (*t, i)),
+                );
+            }
+            state.save(&self.state_path())?;
+        }
         let shared = Mutex::new((state.clone(), 0usize));
         let failure: Mutex<Option<SourceError>> = Mutex::new(None);
         let progress_stop = AtomicBool::new(false);
@@ -400,20 +416,21 @@ impl PostgresSource {
             if self.opts.progress {
                 scope.spawn(|| self.print_progress(&progress_stop));
             }
-            let workers: Vec<_> = (0..self.cfg.snapshot_parallelism.min(todo.len()).max(1))
+            let workers: Vec<_> = (0..self.cfg.snapshot_parallelism.min(units.len()).max(1))
                 .map(|_| {
                     scope.spawn(|| loop {
                         let next = {
                             let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
                             let i = g.1;
                             g.1 += 1;
-                            todo.get(i).copied()
+                            units.get(i).copied()
                         };
-                        let Some(table) = next else { return };
+                        let Some((table, range)) = next else { return };
                         if failure.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
                             return;
                         }
-                        if let Err(e) = self.snapshot_table(table, exported, lsn, &shared, images) {
+                        let r = self.snapshot_range(table, range, exported, lsn, &shared, images);
+                        if let Err(e) = r {
                             failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
                             return;
                         }
@@ -432,6 +449,46 @@ impl PostgresSource {
         state.snapshot = SnapshotStatus::Done;
         state.save(&self.state_path())?;
         Ok(())
+    }
+
+    /// Splits a table with a single integer key into `snapshot_parallelism` key ranges, read
+    /// in parallel; any other table is one range. A table whose snapshot had already started
+    /// (before ranges existed) continues as one range.
+    fn plan_ranges(
+        &self,
+        conn: &mut Connection,
+        table: &TableSchema,
+        started: &TableProgress,
+    ) -> Result<Vec<RangeProgress>, SourceError> {
+        let whole = RangeProgress {
+            last_key: started.last_key.clone(),
+            rows: started.rows,
+            done: started.done,
+            ..RangeProgress::default()
+        };
+        let parts = self.cfg.snapshot_parallelism as i128;
+        let integer_key = table.key.len() == 1
+            && matches!(table.columns[table.key[0]].ty, PgType::Int2 | PgType::Int4 | PgType::Int8);
+        if parts < 2 || !integer_key || started.rows > 0 || started.last_key.is_some() {
+            return Ok(vec![whole]);
+        }
+        let k = quote_ident(&table.columns[table.key[0]].name);
+        let rows = conn
+            .query(&format!("SELECT min({k})::text, max({k})::text FROM {}", table.sql_name()))?;
+        let bound = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i).cloned().flatten())
+                .and_then(|v| v.parse::<i128>().ok())
+        };
+        let (Some(min), Some(max)) = (bound(0), bound(1)) else { return Ok(vec![whole]) };
+        let width = (max - min) / parts + 1;
+        Ok((0..parts)
+            .map(|i| RangeProgress {
+                lower: (i > 0).then(|| vec![(min + i * width - 1).to_string()]),
+                upper: (i < parts - 1).then(|| vec![(min + (i + 1) * width - 1).to_string()]),
+                ..RangeProgress::default()
+            })
+            .collect())
     }
 
     fn print_progress(&self, stop: &AtomicBool) {
@@ -461,9 +518,12 @@ impl PostgresSource {
         eprintln!();
     }
 
-    fn snapshot_table(
+    /// Reads one key range of a table, chunk by chunk.
+    #[allow(clippy::too_many_arguments)]
+    fn snapshot_range(
         &self,
         table: &TableSchema,
+        range: usize,
         exported: Option<&str>,
         lsn: u64,
         shared: &Mutex<(SourceState, usize)>,
@@ -479,18 +539,20 @@ impl PostgresSource {
         let chunked = table.replica_identity != 'f' || table.key.len() < table.columns.len();
         let mut progress = {
             let g = shared.lock().unwrap_or_else(|e| e.into_inner());
-            g.0.tables.get(&table.qualified()).cloned().unwrap_or_default()
+            let t = g.0.tables.get(&table.qualified());
+            t.and_then(|t| t.ranges.get(range)).cloned().unwrap_or_default()
         };
         let mut conv = Converter::new(self.mask_key.clone());
         let mut row = Vec::new();
         let mut pending: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
         let mut pending_n = 0usize;
         let mut ends: HashMap<u32, u64> = HashMap::new();
-        let mut unsaved: Option<(TableProgress, HashMap<u32, u64>)> = None;
+        let mut unsaved: Option<(RangeProgress, HashMap<u32, u64>)> = None;
         let db = self.params.dbname.clone();
         loop {
             let limit = chunked.then_some(self.cfg.snapshot_chunk_rows);
-            let sql = chunk_sql(table, progress.last_key.as_deref(), limit);
+            let start = progress.last_key.as_deref().or(progress.lower.as_deref());
+            let sql = chunk_sql(table, start, progress.upper.as_deref(), limit);
             let mut last_key: Option<Vec<String>> = None;
             let mut in_chunk = 0u64;
             // One clock reading per chunk: the rows of a chunk are read at one moment anyway.
@@ -537,7 +599,7 @@ impl PostgresSource {
             // A chunk's progress is saved once its records are durable, which is checked after
             // the next chunk is read: reading goes on while the records reach the disk.
             if let Some((prev, prev_ends)) = unsaved.replace((progress.clone(), ends.clone())) {
-                self.save_progress(table, &topic, prev, &prev_ends, shared, images)?;
+                self.save_progress(table, range, &topic, prev, &prev_ends, shared, images)?;
             }
             self.set_status(|s| s.snapshot_rows += copied);
             if finished {
@@ -545,18 +607,20 @@ impl PostgresSource {
             }
         }
         if let Some((last, last_ends)) = unsaved.take() {
-            self.save_progress(table, &topic, last, &last_ends, shared, images)?;
+            self.save_progress(table, range, &topic, last, &last_ends, shared, images)?;
         }
         conn.execute("COMMIT")?;
         Ok(())
     }
 
-    /// Waits until a chunk's records are durable, then records its progress.
+    /// Waits until a chunk's records are durable, then records its range's progress.
+    #[allow(clippy::too_many_arguments)]
     fn save_progress(
         &self,
         table: &TableSchema,
+        range: usize,
         topic: &str,
-        progress: TableProgress,
+        progress: RangeProgress,
         ends: &HashMap<u32, u64>,
         shared: &Mutex<(SourceState, usize)>,
         images: &Mutex<RowImages>,
@@ -566,7 +630,12 @@ impl PostgresSource {
         }
         images.lock().unwrap_or_else(|e| e.into_inner()).commit(true)?;
         let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
-        g.0.tables.insert(table.qualified(), progress);
+        let t = g.0.tables.entry(table.qualified()).or_default();
+        if let Some(r) = t.ranges.get_mut(range) {
+            *r = progress;
+        }
+        t.rows = t.ranges.iter().map(|r| r.rows).sum();
+        t.done = t.ranges.iter().all(|r| r.done);
         g.0.save(&self.state_path())
     }
 
@@ -738,21 +807,36 @@ fn fill_unchanged_toast(
 
 /// `COPY (SELECT <captured columns> ...) TO STDOUT` for the rows after `last_key` in key order,
 /// at most `limit` of them (all of them, unordered, without a limit).
-fn chunk_sql(table: &TableSchema, last_key: Option<&[String]>, limit: Option<u64>) -> String {
+fn chunk_sql(
+    table: &TableSchema,
+    last_key: Option<&[String]>,
+    upper: Option<&[String]>,
+    limit: Option<u64>,
+) -> String {
     let select: Vec<String> =
         table.columns.iter().filter(|c| !c.excluded).map(|c| quote_ident(&c.name)).collect();
     let key_cols: Vec<String> =
         table.key.iter().map(|&i| quote_ident(&table.columns[i].name)).collect();
     let mut sql = format!("COPY (SELECT {} FROM {}", select.join(", "), table.sql_name());
+    let literals = |values: &[String]| -> String {
+        let lits: Vec<String> = table
+            .key
+            .iter()
+            .zip(values)
+            .map(|(&i, v)| format!("{}::{}", quote_literal(v), table.columns[i].type_name))
+            .collect();
+        lits.join(", ")
+    };
     if let Some(limit) = limit {
+        let mut conditions = Vec::new();
         if let Some(last) = last_key {
-            let lits: Vec<String> = table
-                .key
-                .iter()
-                .zip(last)
-                .map(|(&i, v)| format!("{}::{}", quote_literal(v), table.columns[i].type_name))
-                .collect();
-            sql.push_str(&format!(" WHERE ({}) > ({})", key_cols.join(", "), lits.join(", ")));
+            conditions.push(format!("({}) > ({})", key_cols.join(", "), literals(last)));
+        }
+        if let Some(upper) = upper {
+            conditions.push(format!("({}) <= ({})", key_cols.join(", "), literals(upper)));
+        }
+        if !conditions.is_empty() {
+            sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
         }
         sql.push_str(&format!(" ORDER BY {} LIMIT {limit}", key_cols.join(", ")));
     }
@@ -1219,7 +1303,8 @@ impl<'a> Streamer<'a> {
             let token = &self.run_token;
             format!("SELECT pg_logical_emit_message(false, '{WATERMARK_PREFIX}', '{kind}:{token}:{id}')")
         };
-        let sql = chunk_sql(&table, last_key.as_deref(), Some(self.src.cfg.snapshot_chunk_rows));
+        let sql =
+            chunk_sql(&table, last_key.as_deref(), None, Some(self.src.cfg.snapshot_chunk_rows));
         let rows = self.conn.query(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_current_snapshot()::text",
         )?;

@@ -23,7 +23,21 @@ pub enum SnapshotStatus {
 /// How far one table's snapshot got.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableProgress {
-    /// Key of the last row stored, as text values in key order.
+    /// Key of the last row stored, as text values in key order (a table read as one range).
+    pub last_key: Option<Vec<String>>,
+    pub rows: u64,
+    pub done: bool,
+    /// Key ranges read in parallel, each with its own progress.
+    #[serde(default)]
+    pub ranges: Vec<RangeProgress>,
+}
+
+/// One key range of a table's snapshot: keys after `lower` up to and including `upper`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeProgress {
+    pub lower: Option<Vec<String>>,
+    pub upper: Option<Vec<String>>,
+    /// Key of the last row stored in this range.
     pub last_key: Option<Vec<String>>,
     pub rows: u64,
     pub done: bool,
