@@ -469,7 +469,9 @@ impl PostgresSource {
         let parts = self.cfg.snapshot_parallelism as i128;
         let integer_key = table.key.len() == 1
             && matches!(table.columns[table.key[0]].ty, PgType::Int2 | PgType::Int4 | PgType::Int8);
-        if parts < 2 || !integer_key || started.rows > 0 || started.last_key.is_some() {
+        // A table keyed by all its columns is read in one piece (see `snapshot_range`).
+        let chunked = table.replica_identity != 'f' || table.key.len() < table.columns.len();
+        if parts < 2 || !integer_key || !chunked || started.rows > 0 || started.last_key.is_some() {
             return Ok(vec![whole]);
         }
         let k = quote_ident(&table.columns[table.key[0]].name);
@@ -482,10 +484,12 @@ impl PostgresSource {
         };
         let (Some(min), Some(max)) = (bound(0), bound(1)) else { return Ok(vec![whole]) };
         let width = (max - min) / parts + 1;
+        // Bounds stay within [min, max], so they fit the key's type (ranges past max are empty).
+        let at = |n: i128| (min + n * width - 1).min(max).to_string();
         Ok((0..parts)
             .map(|i| RangeProgress {
-                lower: (i > 0).then(|| vec![(min + i * width - 1).to_string()]),
-                upper: (i < parts - 1).then(|| vec![(min + (i + 1) * width - 1).to_string()]),
+                lower: (i > 0).then(|| vec![at(i)]),
+                upper: (i < parts - 1).then(|| vec![at(i + 1)]),
                 ..RangeProgress::default()
             })
             .collect())

@@ -253,3 +253,30 @@ fn truncate_is_an_event_and_snapshot_always_resnapshots_on_start() {
     assert_eq!(events.iter().rfind(|x| x.value["op"] == "r").expect("r").key, json!({"id": 3}));
     src.stop().expect("stop");
 }
+
+#[test]
+fn parallel_key_ranges_read_every_row_once() {
+    let pg = cluster();
+    pg.psql(
+        "app",
+        "CREATE TABLE small (id smallint PRIMARY KEY, v int);
+         INSERT INTO small SELECT g, g FROM generate_series(-32768, -32700) g;
+         INSERT INTO small VALUES (0, 0), (32766, 1), (32767, 2);
+         CREATE TABLE single (id smallint PRIMARY KEY); INSERT INTO single VALUES (32767);
+         CREATE TABLE empty (id bigint PRIMARY KEY);
+         CREATE TABLE nokey (n int); ALTER TABLE nokey REPLICA IDENTITY FULL;
+         INSERT INTO nokey SELECT g FROM generate_series(1, 50) g;",
+    )
+    .expect("schema");
+    let dir = TempDir::new("ranges");
+    let log = open_log(dir.path());
+    let cfg = config(&pg, "snapshot_parallelism = 4\nsnapshot_chunk_rows = 7");
+    let src = Running::start("app", cfg, log.clone(), dir.path());
+    src.wait_streaming();
+    for (table, rows) in [("small", 72), ("single", 1), ("empty", 0), ("nokey", 50)] {
+        let events = crate::support::read_topic(&*log, &format!("app.public.{table}"));
+        assert_eq!(events.len(), rows, "{table}: every row exactly once");
+        assert_eq!(fold(&events).len(), rows, "{table}");
+    }
+    src.stop().expect("clean stop");
+}
