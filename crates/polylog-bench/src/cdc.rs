@@ -82,6 +82,13 @@ fn run_until(
     Ok(secs)
 }
 
+/// A Postgres client program connecting to the benchmark database.
+fn client(pg: &PgCluster, program: &str) -> Command {
+    let mut c = Command::new(pg.bin_dir().join(program));
+    c.args(["-h", "127.0.0.1", "-p", &pg.port().to_string(), "-U", "postgres", "-d", "bench"]);
+    c
+}
+
 fn lsn(s: &str) -> u64 {
     polylog_postgres::pgoutput::parse_lsn(s).unwrap_or(0)
 }
@@ -106,17 +113,7 @@ pub fn stream(opts: &Opts) -> Result<(), String> {
     let end = pg.psql("bench", "SELECT pg_current_wal_lsn()").map_err(err)?;
     let recvlogical = |slot: &str| -> Result<f64, String> {
         let started = Instant::now();
-        let out = Command::new(pg.bin_dir().join("pg_recvlogical"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &pg.port().to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "bench",
-            ])
+        let out = client(&pg, "pg_recvlogical")
             .args(["-S", slot, "--start", "-E", &end, "-o", "proto_version=1"])
             .args(["-o", "publication_names=polylog_bench", "-f", "/dev/null"])
             .output()
@@ -150,20 +147,8 @@ pub fn snapshot(opts: &Opts) -> Result<(), String> {
     println!("cdc_snapshot: a table of {rows} rows");
     let pg = setup(rows)?;
     let started = Instant::now();
-    let out = Command::new(pg.bin_dir().join("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port().to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "bench",
-        ])
-        .args(["-c", "\\copy (SELECT * FROM t) TO '/dev/null'"])
+    let out = client(&pg, "psql")
+        .args(["-X", "-q", "-c", "\\copy (SELECT * FROM t) TO '/dev/null'"])
         .output()
         .map_err(err)?;
     let baseline_secs = started.elapsed().as_secs_f64();
