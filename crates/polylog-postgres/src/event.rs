@@ -25,21 +25,28 @@ pub struct Position {
 }
 
 impl Position {
-    pub fn to_header(self) -> (String, Vec<u8>) {
+    /// The 20 bytes that encode a position (big-endian, so they sort like positions).
+    pub fn to_bytes(self) -> Vec<u8> {
         let mut v = Vec::with_capacity(20);
         v.extend_from_slice(&self.commit_lsn.to_be_bytes());
         v.extend_from_slice(&self.change_lsn.to_be_bytes());
         v.extend_from_slice(&self.sub.to_be_bytes());
-        (POSITION_HEADER.to_string(), v)
+        v
     }
-    pub fn from_headers(headers: &[(String, Vec<u8>)]) -> Option<Position> {
-        let (_, v) = headers.iter().find(|(k, _)| k == POSITION_HEADER)?;
-        let b: &[u8; 20] = v.as_slice().try_into().ok()?;
+    pub fn from_bytes(v: &[u8]) -> Option<Position> {
+        let b: &[u8; 20] = v.try_into().ok()?;
         Some(Position {
             commit_lsn: u64::from_be_bytes(b[0..8].try_into().ok()?),
             change_lsn: u64::from_be_bytes(b[8..16].try_into().ok()?),
             sub: u32::from_be_bytes(b[16..20].try_into().ok()?),
         })
+    }
+    pub fn to_header(self) -> (String, Vec<u8>) {
+        (POSITION_HEADER.to_string(), self.to_bytes())
+    }
+    pub fn from_headers(headers: &[(String, Vec<u8>)]) -> Option<Position> {
+        let (_, v) = headers.iter().find(|(k, _)| k == POSITION_HEADER)?;
+        Position::from_bytes(v)
     }
 }
 

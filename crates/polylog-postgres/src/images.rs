@@ -73,8 +73,7 @@ impl RowImages {
         };
         let Some(v) = stored.filter(|v| v.len() >= 20) else { return Ok(None) };
         let (pos, image) = v.split_at(20);
-        let header = [(crate::event::POSITION_HEADER.to_string(), pos.to_vec())];
-        Ok(Position::from_headers(&header).filter(|p| *p < before).map(|_| image.to_vec()))
+        Ok(Position::from_bytes(pos).filter(|p| *p < before).map(|_| image.to_vec()))
     }
 
     /// Records a row's image as of the change at `pos` (`None`: the row is gone).
@@ -86,7 +85,7 @@ impl RowImages {
         image: Option<Vec<u8>>,
     ) -> Result<(), SourceError> {
         let image = image.map(|i| {
-            let mut v = pos.to_header().1;
+            let mut v = pos.to_bytes();
             v.extend_from_slice(&i);
             v
         });

@@ -16,4 +16,4 @@ pub mod wire;
 
 pub use config::{PostgresSourceConfig, SnapshotMode};
 pub use error::SourceError;
-pub use source::{PostgresSource, SourceOptions, SourceStatus};
+pub use source::{default_object_name, PostgresSource, SourceOptions, SourceStatus};

@@ -84,7 +84,8 @@ WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
 ORDER BY c.oid, a.attnum";
 
-fn column_type(
+/// How a column of this type is converted, from the catalog's description of the type.
+pub(crate) fn column_type(
     type_oid: u32,
     typtype: &str,
     base: u32,

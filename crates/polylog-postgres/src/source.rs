@@ -79,6 +79,12 @@ pub struct PostgresSource {
     pub status: Arc<Mutex<SourceStatus>>,
 }
 
+/// The default name of a source's replication slot and publication: `polylog_<source>`, in
+/// the lower case letters, digits and underscores slot names allow.
+pub fn default_object_name(source: &str) -> String {
+    format!("polylog_{}", topic_safe(source).replace(['.', '-'], "_").to_lowercase())
+}
+
 fn topic_safe(s: &str) -> String {
     s.chars()
         .map(
@@ -108,9 +114,7 @@ impl PostgresSource {
             })?;
             Some(k.into_bytes())
         };
-        // Slot names are lower case letters, digits and underscores.
-        let default_name =
-            format!("polylog_{}", topic_safe(name).replace(['.', '-'], "_").to_lowercase());
+        let default_name = default_object_name(name);
         Ok(PostgresSource {
             prefix: cfg.topic_prefix.clone().unwrap_or_else(|| name.to_string()),
             slot: cfg.slot.clone().unwrap_or_else(|| default_name.clone()),
@@ -1533,19 +1537,15 @@ impl<'a> Streamer<'a> {
              format_type(t.oid, {typmod}) FROM pg_type t \
              LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A' WHERE t.oid = {oid}"
         ))?;
-        let t = PgType::from_oid(oid);
-        let Some(r) = rows.first() else { return Ok((t, oid.to_string())) };
+        let Some(r) = rows.first() else { return Ok((PgType::from_oid(oid), oid.to_string())) };
         let f = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
-        let ty = match (f(0).as_str(), f(2).as_str()) {
-            _ if !matches!(t, PgType::Unknown(_)) => t,
-            ("e", _) => PgType::Enum,
-            ("d", _) => PgType::from_oid(f(1).parse().unwrap_or(0)),
-            (_, "e") => PgType::Array(Box::new(PgType::Enum)),
-            _ => match f(3).parse::<u32>().unwrap_or(0) {
-                0 => t,
-                elem => PgType::Array(Box::new(PgType::from_oid(elem))),
-            },
-        };
+        let ty = schema::column_type(
+            oid,
+            &f(0),
+            f(1).parse().unwrap_or(0),
+            &f(2),
+            f(3).parse().unwrap_or(0),
+        );
         Ok((ty, f(4)))
     }
 
@@ -1652,6 +1652,13 @@ impl<'a> Streamer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_slot_names_are_valid_slot_names() {
+        assert_eq!(default_object_name("app"), "polylog_app");
+        assert_eq!(default_object_name("Orders-EU.v2"), "polylog_orders_eu_v2");
+        assert_eq!(default_object_name("a b"), "polylog_a_b");
+    }
 
     #[test]
     fn snapshot_visibility_follows_xmin_xmax_and_in_progress() {

@@ -136,8 +136,7 @@ pub fn status(config: &Config) -> anyhow::Result<()> {
         } else {
             "not running".into()
         };
-        let slot =
-            pg.slot.clone().unwrap_or_else(|| format!("polylog_{}", name.replace(['.', '-'], "_")));
+        let slot = pg.slot.clone().unwrap_or_else(|| polylog_postgres::default_object_name(name));
         let (slot_state, lag) = match slot_lag(&pg.url, &slot) {
             Ok(Some((wal_status, lag))) => (wal_status, crate::topics::human_bytes(lag)),
             Ok(None) => ("missing".into(), "-".into()),
@@ -171,8 +170,8 @@ fn slot_lag(url: &str, slot: &str) -> anyhow::Result<Option<(String, u64)>> {
     let mut conn = Connection::connect(&params, false)?;
     let rows = conn.query(&format!(
         "SELECT COALESCE(wal_status, '?'), GREATEST(pg_current_wal_lsn() - confirmed_flush_lsn, 0)::bigint \
-         FROM pg_replication_slots WHERE slot_name = '{}'",
-        slot.replace('\'', "''")
+         FROM pg_replication_slots WHERE slot_name = {}",
+        polylog_postgres::schema::quote_literal(slot)
     ))?;
     Ok(rows.first().map(|r| {
         let f = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
