@@ -78,7 +78,7 @@ fn compact_pass(p: &Partition, now_ms: i64, clean_only: bool) -> Result<Option<C
     if last.next_offset <= first_dirty && !clean_only {
         return Ok(None);
     }
-    let durable = p.opts.fsync != crate::FsyncPolicy::Never;
+    let durable = p.opts.fsyncs();
     // 1. Map key → latest offset over the dirty range, as far as the map's bound allows.
     let cap = p.opts.compaction_keys_max.max(1);
     let mut map: HashMap<u128, u64> = HashMap::new();

@@ -67,6 +67,14 @@ pub struct LogOptions {
     pub faults: Option<Arc<Faults>>,
 }
 
+impl LogOptions {
+    /// Whether anything is fsynced at all (every policy but `never`): metadata and index files
+    /// are synced exactly when data is.
+    pub(crate) fn fsyncs(&self) -> bool {
+        self.fsync != FsyncPolicy::Never
+    }
+}
+
 impl Default for LogOptions {
     fn default() -> Self {
         LogOptions {
@@ -160,7 +168,7 @@ impl EmbeddedLog {
         let opts = Arc::new(opts);
         let inner = Arc::new(Inner {
             topics: RwLock::new(load_topics(&dir, &opts, false)?),
-            groups: Groups::new(dir.join("groups"), opts.fsync != FsyncPolicy::Never),
+            groups: Groups::new(dir.join("groups"), opts.fsyncs()),
             dir,
             opts,
             read_only: false,
@@ -169,7 +177,7 @@ impl EmbeddedLog {
             _lock: Some(lock),
         });
         let mut threads = Vec::new();
-        if inner.opts.fsync != FsyncPolicy::Never {
+        if inner.opts.fsyncs() {
             let i = Arc::clone(&inner);
             threads.push(spawn("polylog-syncer", move || syncer(&i))?);
         }

@@ -206,7 +206,7 @@ impl Partition {
         a.meta.size = pos + len;
         a.meta.next_offset = e.next_offset;
         a.meta.max_timestamp = a.meta.max_timestamp.max(e.max_timestamp);
-        if self.opts.fsync == FsyncPolicy::Never {
+        if !self.opts.fsyncs() {
             st.durable = st.active.meta.next_offset;
             self.changed.notify_all();
         }
@@ -236,7 +236,7 @@ impl Partition {
 
     /// Seals the active segment (durably, unless `fsync = "never"`) and starts a new one.
     fn roll(&self, st: &mut State) -> Result<()> {
-        let syncing = self.opts.fsync != FsyncPolicy::Never;
+        let syncing = self.opts.fsyncs();
         let old = &st.active;
         let path = log_path(&self.dir, old.meta.base);
         if syncing {
@@ -440,7 +440,7 @@ impl Partition {
             next_offset: meta.next_offset,
             max_timestamp: scan.meta.max_timestamp,
         };
-        scan.index.write_files(&path, summary, self.opts.fsync != FsyncPolicy::Never).ok()?;
+        scan.index.write_files(&path, summary, self.opts.fsyncs()).ok()?;
         f(&path)
     }
 
@@ -462,7 +462,7 @@ impl Partition {
         };
         drop(st);
         let path = log_path(&self.dir, base);
-        let durable = self.opts.fsync != FsyncPolicy::Never;
+        let durable = self.opts.fsyncs();
         match cleaned {
             Some((meta, tmp, idx)) => {
                 fs::rename(tmp, &path)
@@ -507,7 +507,7 @@ impl Partition {
     pub fn set_first_dirty(&self, offset: u64) -> Result<()> {
         let path = self.dir.join(CLEANER_CHECKPOINT);
         let tmp = path.with_extension("tmp");
-        let durable = self.opts.fsync != FsyncPolicy::Never;
+        let durable = self.opts.fsyncs();
         let write = || -> std::io::Result<()> {
             let f = File::create(&tmp)?;
             (&f).write_all(format!("{offset}\n").as_bytes())?;
@@ -552,7 +552,7 @@ impl Partition {
         for base in &doomed {
             remove_segment_files(&log_path(&self.dir, *base));
         }
-        if !doomed.is_empty() && self.opts.fsync != FsyncPolicy::Never {
+        if !doomed.is_empty() && self.opts.fsyncs() {
             sync_dir(&self.dir)
                 .map_err(LogError::io("syncing the partition directory", &self.dir))?;
         }
@@ -708,7 +708,7 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
                 len - scan.meta.size
             );
         }
-        let durable = opts.fsync != FsyncPolicy::Never;
+        let durable = opts.fsyncs();
         if i < last && !torn {
             let summary = SegmentSummary {
                 segment_len: scan.meta.size,
