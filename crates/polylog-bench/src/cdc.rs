@@ -41,13 +41,10 @@ fn setup(rows: u64) -> Result<PgCluster, String> {
 fn source(
     pg: &PgCluster,
     scratch: &std::path::Path,
+    fsync: FsyncPolicy,
     extra: &str,
 ) -> Result<(Arc<PostgresSource>, Arc<dyn Log>), String> {
-    let o = LogOptions {
-        fsync: FsyncPolicy::Always,
-        maintenance_interval_ms: 0,
-        ..LogOptions::default()
-    };
+    let o = LogOptions { fsync, maintenance_interval_ms: 0, ..LogOptions::default() };
     let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(scratch.join("log"), o).map_err(err)?);
     let text = format!("url = \"{}\"\nstatus_interval_ms = 50\n{extra}", pg.url("bench"));
     let cfg: PostgresSourceConfig = toml::from_str(&text).map_err(err)?;
@@ -128,7 +125,7 @@ pub fn stream(opts: &Opts) -> Result<(), String> {
     recvlogical("warmup")?;
     let baseline_secs = recvlogical("baseline")?;
     let scratch = ScratchDir::new(opts, "cdc-stream")?;
-    let (src, _log) = source(&pg, &scratch.0, "snapshot = \"never\"")?;
+    let (src, _log) = source(&pg, &scratch.0, FsyncPolicy::Always, "snapshot = \"never\"")?;
     let polylog_secs = run_until(&src, |st| {
         st.events >= changes
             && st.flushed_lsn.as_deref().map(lsn) >= st.received_lsn.as_deref().map(lsn)
@@ -144,7 +141,16 @@ pub fn stream(opts: &Opts) -> Result<(), String> {
 
 pub fn snapshot(opts: &Opts) -> Result<(), String> {
     let rows: u64 = opts.get("rows", if opts.quick { 300_000 } else { 5_000_000 })?;
-    println!("cdc_snapshot: a table of {rows} rows");
+    let parallelism: usize = opts.get("parallelism", 2)?;
+    let fsync: String = opts.get("fsync", "always".to_string())?;
+    let fsync = match fsync.as_str() {
+        "always" => FsyncPolicy::Always,
+        "never" => FsyncPolicy::Never,
+        other => return Err(format!("--fsync: {other:?} is not always or never")),
+    };
+    println!(
+        "cdc_snapshot: a table of {rows} rows ({parallelism} parallel readers, fsync {fsync:?})"
+    );
     let pg = setup(rows)?;
     let started = Instant::now();
     let out = client(&pg, "psql")
@@ -156,7 +162,8 @@ pub fn snapshot(opts: &Opts) -> Result<(), String> {
         return Err(format!("psql failed: {}", String::from_utf8_lossy(&out.stderr)));
     }
     let scratch = ScratchDir::new(opts, "cdc-snapshot")?;
-    let (src, _log) = source(&pg, &scratch.0, "")?;
+    let (src, _log) =
+        source(&pg, &scratch.0, fsync, &format!("snapshot_parallelism = {parallelism}"))?;
     let polylog_secs = run_until(&src, |st| st.state == "streaming")?;
     let (p, b) = (rows as f64 / polylog_secs, rows as f64 / baseline_secs);
     println!("  polylog: {polylog_secs:.2} s into the log (durable, chunked, resumable); psql \\copy: {baseline_secs:.2} s to /dev/null");

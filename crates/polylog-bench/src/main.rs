@@ -45,7 +45,8 @@ const SCENARIOS: &[(&str, &str)] = &[
     ),
     (
         "cdc_snapshot",
-        "rows/s snapshotting a table into the log, vs psql \\copy to /dev/null (options: --rows N)",
+        "rows/s snapshotting a table into the log, vs psql \\copy to /dev/null \
+         (options: --rows N, --parallelism N, --fsync always|never)",
     ),
 ];
 

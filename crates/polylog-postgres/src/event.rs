@@ -1,8 +1,6 @@
 //! Change events: Debezium's envelope, keys, the ordering position carried in headers, and the
 //! conversion of row images to JSON.
 
-use std::io::Write;
-
 use serde_json::Value;
 
 use crate::schema::TableSchema;
@@ -148,9 +146,20 @@ fn is_integer(t: &[u8]) -> bool {
 
 /// Writes `s` (UTF-8) as a JSON string.
 pub fn write_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.reserve(s.len() + 2);
     out.push(b'"');
     let mut start = 0;
-    for (i, &b) in s.iter().enumerate() {
+    let mut i = 0;
+    while i < s.len() {
+        // Eight bytes at a time while none of them needs escaping (the common case).
+        if let Some(word) = s.get(i..i + 8) {
+            let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
+            if !needs_escape(w) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = s[i];
         let esc: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -160,19 +169,61 @@ pub fn write_str(out: &mut Vec<u8>, s: &[u8]) {
             0x08 => b"\\b",
             0x0c => b"\\f",
             0..=0x1f => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
                 out.extend_from_slice(&s[start..i]);
-                out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
-                start = i + 1;
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 15)]);
+                i += 1;
+                start = i;
                 continue;
             }
-            _ => continue,
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         out.extend_from_slice(&s[start..i]);
         out.extend_from_slice(esc);
-        start = i + 1;
+        i += 1;
+        start = i;
     }
     out.extend_from_slice(&s[start..]);
     out.push(b'"');
+}
+
+/// Whether any of the eight bytes in `w` is a control character, `"` or `\\`.
+fn needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte is zero after the xor/subtraction exactly when it matched; bytes >= 0x80 are
+    // excluded by `!w`, so UTF-8 continuation bytes never count as matches.
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    below_space | zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\'))) != 0
+}
+
+/// Writes a decimal integer (what `write!(out, "{n}")` writes, without the formatting machinery).
+pub fn write_int(out: &mut Vec<u8>, n: i64) {
+    if n < 0 {
+        out.push(b'-');
+    }
+    write_uint(out, n.unsigned_abs());
+}
+
+/// Writes a decimal unsigned integer.
+pub fn write_uint(out: &mut Vec<u8>, mut v: u64) {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[at..]);
 }
 
 /// A row image as a JSON object of the table's captured columns (all, or `only` these), in
@@ -184,6 +235,18 @@ pub fn row_object(
     only: Option<&[usize]>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 * table.columns.len());
+    write_row_object(conv, table, values, only, &mut out);
+    out
+}
+
+/// Appends what [`row_object`] returns to `out`.
+pub fn write_row_object(
+    conv: &mut Converter,
+    table: &TableSchema,
+    values: &[Raw<'_>],
+    only: Option<&[usize]>,
+    out: &mut Vec<u8>,
+) {
     out.push(b'{');
     let mut first = true;
     for (i, c) in table.columns.iter().enumerate() {
@@ -194,13 +257,12 @@ pub fn row_object(
             out.push(b',');
         }
         first = false;
-        write_str(&mut out, c.name.as_bytes());
+        write_str(out, c.name.as_bytes());
         out.push(b':');
         let raw = values.get(i).copied().unwrap_or(Raw::Null);
-        conv.write_value(&mut out, &c.ty, c.type_oid, c.masked, raw);
+        conv.write_value(out, &c.ty, c.type_oid, c.masked, raw);
     }
     out.push(b'}');
-    out
 }
 
 /// The key of a row: its key columns as a JSON object.
@@ -232,39 +294,48 @@ pub fn envelope(
 ) -> Vec<u8> {
     let image_len = before.map_or(4, <[u8]>::len) + after.map_or(4, <[u8]>::len);
     let mut out = Vec::with_capacity(image_len + 256);
-    let opt = |out: &mut Vec<u8>, v: Option<&[u8]>| out.extend_from_slice(v.unwrap_or(b"null"));
+    out.extend_from_slice(b"{\"before\":");
+    out.extend_from_slice(before.unwrap_or(b"null"));
+    out.extend_from_slice(b",\"after\":");
+    out.extend_from_slice(after.unwrap_or(b"null"));
+    write_envelope_tail(&mut out, table, op, src);
+    out
+}
+
+/// Everything of an envelope after its `after` image (operation, timestamps and the `source`
+/// block), for writers that build many envelopes with the same ending.
+pub fn envelope_tail(table: &TableSchema, op: &str, src: &SourceInfo<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(192);
+    write_envelope_tail(&mut out, table, op, src);
+    out
+}
+
+fn write_envelope_tail(out: &mut Vec<u8>, table: &TableSchema, op: &str, src: &SourceInfo<'_>) {
     let num = |out: &mut Vec<u8>, v: Option<u64>| match v {
-        Some(n) => {
-            let _ = write!(out, "{n}");
-        }
+        Some(n) => write_uint(out, n),
         None => out.extend_from_slice(b"null"),
     };
-    out.extend_from_slice(b"{\"before\":");
-    opt(&mut out, before);
-    out.extend_from_slice(b",\"after\":");
-    opt(&mut out, after);
     out.extend_from_slice(b",\"op\":");
-    write_str(&mut out, op.as_bytes());
-    let _ = write!(
-        out,
-        ",\"ts_ms\":{},\"source\":{{\"connector\":\"postgresql\",\"name\":",
-        src.processed_ms
-    );
-    write_str(&mut out, src.name.as_bytes());
+    write_str(out, op.as_bytes());
+    out.extend_from_slice(b",\"ts_ms\":");
+    write_int(out, src.processed_ms);
+    out.extend_from_slice(b",\"source\":{\"connector\":\"postgresql\",\"name\":");
+    write_str(out, src.name.as_bytes());
     out.extend_from_slice(b",\"db\":");
-    write_str(&mut out, src.db.as_bytes());
+    write_str(out, src.db.as_bytes());
     out.extend_from_slice(b",\"schema\":");
-    write_str(&mut out, table.schema.as_bytes());
+    write_str(out, table.schema.as_bytes());
     out.extend_from_slice(b",\"table\":");
-    write_str(&mut out, table.name.as_bytes());
+    write_str(out, table.name.as_bytes());
     out.extend_from_slice(b",\"lsn\":");
-    num(&mut out, src.lsn);
+    num(out, src.lsn);
     out.extend_from_slice(b",\"txId\":");
-    num(&mut out, src.tx_id.map(u64::from));
-    let _ = write!(out, ",\"ts_ms\":{},\"snapshot\":", src.ts_ms);
-    write_str(&mut out, src.snapshot.as_bytes());
+    num(out, src.tx_id.map(u64::from));
+    out.extend_from_slice(b",\"ts_ms\":");
+    write_int(out, src.ts_ms);
+    out.extend_from_slice(b",\"snapshot\":");
+    write_str(out, src.snapshot.as_bytes());
     out.extend_from_slice(b"}}");
-    out
 }
 
 /// Splits one row of `COPY ... TO STDOUT` text format into raw column values (`\N` is null;
@@ -361,6 +432,40 @@ mod tests {
             write_str(&mut out, s.as_bytes());
             let back: String = serde_json::from_slice(&out).expect("valid JSON");
             assert_eq!(back, s);
+        }
+    }
+
+    #[test]
+    fn json_strings_escape_like_serde_at_every_offset() {
+        // Each special byte at each position around the eight-byte steps, among plain
+        // ASCII and multi-byte UTF-8.
+        let specials = ["\"", "\\", "\n", "\u{0}", "\u{1f}", "\u{7f}", "é", "\u{20ac}", " "];
+        for len in 0..20 {
+            for at in 0..=len {
+                for sp in specials {
+                    let s: String = (0..len)
+                        .map(|i| {
+                            if i == at {
+                                sp.to_string()
+                            } else {
+                                ((b'a' + i as u8) as char).to_string()
+                            }
+                        })
+                        .collect();
+                    let mut out = Vec::new();
+                    write_str(&mut out, s.as_bytes());
+                    assert_eq!(out, serde_json::to_vec(&s).expect("serializes"), "{s:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn integers_write_like_display() {
+        for n in [0, 1, -1, 9, 10, 99, 100, 12345, -98765, i64::MAX, i64::MIN] {
+            let mut out = Vec::new();
+            write_int(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
         }
     }
 

@@ -20,7 +20,10 @@ use serde_json::{json, Value};
 
 use crate::config::{PostgresSourceConfig, SnapshotMode};
 use crate::error::SourceError;
-use crate::event::{self, envelope, key_object, row_object, Converter, Position, Raw, SourceInfo};
+use crate::event::{
+    self, envelope, envelope_tail, key_object, row_object, write_row_object, Converter, Position,
+    Raw, SourceInfo,
+};
 use crate::images::{RowImages, TOAST_ROW_BYTES_MIN};
 use crate::pgoutput::{self, format_lsn, parse_lsn, Message, TupleValue};
 use crate::schema::{self, quote_ident, quote_literal, ColumnSchema, TableSchema};
@@ -557,38 +560,50 @@ impl PostgresSource {
         let mut ends: HashMap<u32, u64> = HashMap::new();
         let mut unsaved: Option<(RangeProgress, HashMap<u32, u64>)> = None;
         let db = self.params.dbname.clone();
+        let mut last_key: Vec<String> = Vec::new();
+        let mut value_len = 256;
         loop {
             let limit = chunked.then_some(self.cfg.snapshot_chunk_rows);
             let start = progress.last_key.as_deref().or(progress.lower.as_deref());
             let sql = chunk_sql(table, start, progress.upper.as_deref(), limit);
-            let mut last_key: Option<Vec<String>> = None;
             let mut in_chunk = 0u64;
-            // One clock reading per chunk: the rows of a chunk are read at one moment anyway.
+            // One clock reading per chunk: the rows of a chunk are read at one moment anyway,
+            // so every envelope of the chunk ends the same way.
             let read_ms = polylog_log::now_ms();
+            let src = SourceInfo {
+                name: &self.name,
+                db: &db,
+                lsn: Some(lsn),
+                tx_id: None,
+                ts_ms: read_ms,
+                snapshot: "true",
+                processed_ms: read_ms,
+            };
+            let tail = envelope_tail(table, "r", &src);
             let copied = conn.copy_out(&sql, |line: &[u8]| -> Result<(), SourceError> {
                 event::parse_copy_row(line, &mut row);
                 // Values in table column order (excluded columns were not selected).
                 let raws = copy_raws(table, &row);
                 let key_bytes = key_object(&mut conv, table, &raws);
-                let after = row_object(&mut conv, table, &raws, None);
-                let src = SourceInfo {
-                    name: &self.name,
-                    db: &db,
-                    lsn: Some(lsn),
-                    tx_id: None,
-                    ts_ms: read_ms,
-                    snapshot: "true",
-                    processed_ms: read_ms,
-                };
-                let value_bytes = envelope(table, "r", None, Some(&after), &src);
+                let mut value = Vec::with_capacity(value_len + 16);
+                value.extend_from_slice(b"{\"before\":null,\"after\":");
+                let after_at = value.len();
+                write_row_object(&mut conv, table, &raws, None, &mut value);
+                let after_end = value.len();
+                value.extend_from_slice(&tail);
+                value_len = value.len();
                 if row_len(&raws) >= TOAST_ROW_BYTES_MIN {
+                    let after = value[after_at..after_end].to_vec();
                     let mut images = images.lock().unwrap_or_else(|e| e.into_inner());
                     images.set(&topic, &key_bytes, Position::default(), Some(after))?;
                 }
-                let p = partition_for_key(&key_bytes, self.opts.partitions);
-                pending.entry(p).or_default().push(Record::new(key_bytes, value_bytes));
+                let p = match self.opts.partitions {
+                    1 => 0,
+                    n => partition_for_key(&key_bytes, n),
+                };
+                pending.entry(p).or_default().push(Record::new(key_bytes, value));
                 pending_n += 1;
-                last_key = Some(key_text(table, &raws));
+                set_key_text(table, &raws, &mut last_key);
                 in_chunk += 1;
                 if pending_n >= PENDING_RECORDS_MAX {
                     self.append_pending(&topic, &mut pending, &mut ends)?;
@@ -599,8 +614,8 @@ impl PostgresSource {
             self.append_pending(&topic, &mut pending, &mut ends)?;
             pending_n = 0;
             progress.rows += copied;
-            if last_key.is_some() {
-                progress.last_key = last_key;
+            if in_chunk > 0 {
+                progress.last_key = Some(last_key.clone());
             }
             let finished = !chunked || in_chunk < self.cfg.snapshot_chunk_rows;
             progress.done = finished;
@@ -862,19 +877,19 @@ fn copy_raws<'r>(table: &TableSchema, row: &'r [Option<Vec<u8>>]) -> Vec<Raw<'r>
     raws
 }
 
-/// The key columns of a row as text, for resuming after it.
-fn key_text(table: &TableSchema, raws: &[Raw<'_>]) -> Vec<String> {
-    table
-        .key
-        .iter()
-        .map(|&i| {
-            String::from_utf8_lossy(match raws[i] {
-                Raw::Text(t) => t,
-                _ => b"",
-            })
-            .into_owned()
-        })
-        .collect()
+/// Sets `out` to the key columns of a row as text, for resuming after it (reusing its buffers:
+/// this runs for every row of a snapshot).
+fn set_key_text(table: &TableSchema, raws: &[Raw<'_>], out: &mut Vec<String>) {
+    out.resize(table.key.len(), String::new());
+    for (&i, s) in table.key.iter().zip(out.iter_mut()) {
+        s.clear();
+        if let Raw::Text(t) = raws[i] {
+            match std::str::from_utf8(t) {
+                Ok(t) => s.push_str(t),
+                Err(_) => s.push_str(&String::from_utf8_lossy(t)),
+            }
+        }
+    }
 }
 
 /// Bytes of a row's values in text form (to tell rows that may have TOASTed values).
@@ -1335,7 +1350,9 @@ impl<'a> Streamer<'a> {
             let raws = copy_raws(&table, &row);
             let key = key_object(conv, &table, &raws);
             chunk.rows.insert(key, row_object(conv, &table, &raws, None));
-            chunk.last_key = Some(key_text(&table, &raws));
+            let mut last = Vec::new();
+            set_key_text(&table, &raws, &mut last);
+            chunk.last_key = Some(last);
             chunk.read += 1;
             Ok(())
         })?;
