@@ -73,6 +73,43 @@ fn a_dropped_slot_is_a_loud_error_asking_for_a_new_snapshot() {
 }
 
 #[test]
+fn a_slot_that_lost_its_wal_is_a_loud_error_asking_for_a_new_snapshot() {
+    let pg = polylog_testkit::PgCluster::start_with_settings("max_slot_wal_keep_size = '1MB'")
+        .expect("start Postgres");
+    pg.create_database("app").expect("create database");
+    pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY, pad text)").expect("schema");
+    let dir = TempDir::new("lost");
+    let log = open_log(dir.path());
+    let src = Running::start("app", config(&pg, ""), log.clone(), dir.path());
+    src.wait_streaming();
+    src.stop().expect("clean stop");
+    // While the source is away, Postgres moves past more WAL than the slot may hold back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        pg.psql(
+            "app",
+            "INSERT INTO t SELECT g, repeat('x', 500) FROM generate_series(1, 5000) g
+               ON CONFLICT (id) DO UPDATE SET pad = excluded.pad || '.';
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .expect("churn");
+        let status = pg
+            .psql(
+                "app",
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'polylog_app'",
+            )
+            .expect("slot status");
+        if status.trim() == "lost" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot never lost its WAL ({status:?})");
+    }
+    let src = Running::start("app", config(&pg, ""), log.clone(), dir.path());
+    let err = src.wait_failure(Duration::from_secs(30)).to_string();
+    assert!(err.contains("wal_status = lost") && err.contains("new snapshot"), "{err}");
+}
+
+#[test]
 fn the_source_rides_out_postgres_restarts() {
     let mut pg = cluster();
     pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY)").expect("schema");
