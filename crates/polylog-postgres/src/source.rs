@@ -212,6 +212,7 @@ impl PostgresSource {
             self.cfg.signal_table.as_deref(),
         )?;
         self.ensure_topics(&tables)?;
+        self.record_schemas(&tables)?;
         let mut state = SourceState::load(&self.state_path())?;
         let images = Mutex::new(RowImages::open(&self.opts.state_dir.join("row-images.redb"))?);
         let slot = self.slot_info(&mut conn)?;
@@ -347,6 +348,33 @@ impl PostgresSource {
         }
         let lsn = r.first().cloned().flatten().and_then(|l| parse_lsn(&l)).unwrap_or(0);
         Ok(Some((lsn, r.get(1).cloned().flatten().unwrap_or_default())))
+    }
+
+    /// Records in the schema history every captured table whose shape it does not hold yet,
+    /// before the snapshot, so consumers (views checking their columns) know every table from
+    /// the start, not only after its first change. These records carry no position: the stream
+    /// records shape changes at their place in the WAL.
+    fn record_schemas(&self, tables: &[TableSchema]) -> Result<(), SourceError> {
+        let topic = self.schema_topic();
+        let recorded = read_recorded_schemas(&*self.log, &topic)?;
+        let records: Vec<Record> = tables
+            .iter()
+            .filter_map(|t| {
+                let columns = schema_columns(t);
+                (recorded.get(&t.qualified()) != Some(&columns)).then(|| {
+                    let value = schema_history_value(&self.name, &t.qualified(), 0, columns);
+                    Record::new(
+                        serde_json::to_vec(&json!({"table": t.qualified()})).unwrap_or_default(),
+                        serde_json::to_vec(&value).unwrap_or_default(),
+                    )
+                })
+            })
+            .collect();
+        if !records.is_empty() {
+            let a = self.log.append(&topic, 0, &records)?;
+            self.log.wait_durable(&topic, 0, a.last_offset + 1, DURABLE_TIMEOUT)?;
+        }
+        Ok(())
     }
 
     fn ensure_topics(&self, tables: &[TableSchema]) -> Result<(), SourceError> {
@@ -877,6 +905,56 @@ fn copy_raws<'r>(table: &TableSchema, row: &'r [Option<Vec<u8>>]) -> Vec<Raw<'r>
     raws
 }
 
+/// A table's columns as the schema history records them.
+fn schema_columns(table: &TableSchema) -> Value {
+    table
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({
+                "name": c.name, "type": c.type_name, "type_oid": c.type_oid,
+                "key": table.key.contains(&i), "excluded": c.excluded, "masked": c.masked,
+            })
+        })
+        .collect()
+}
+
+fn schema_history_value(source: &str, table: &str, lsn: u64, columns: Value) -> Value {
+    json!({
+        "source": source,
+        "table": table,
+        "lsn": lsn,
+        "ts_ms": polylog_log::now_ms(),
+        "columns": columns,
+    })
+}
+
+/// The latest columns the schema history topic holds per table (it holds a record per shape
+/// change, so it stays small).
+pub fn read_recorded_schemas(
+    log: &dyn Log,
+    topic: &str,
+) -> Result<HashMap<String, Value>, LogError> {
+    let mut out = HashMap::new();
+    let end = log.durable_offset(topic, 0)?;
+    let mut reader = log.reader(topic, 0, StartAt::Beginning)?;
+    while reader.position() < end {
+        let records = reader.poll(1000, Duration::ZERO)?;
+        if records.is_empty() {
+            break;
+        }
+        for r in records {
+            let v: Value =
+                r.value.as_deref().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
+            if let Some(table) = v["table"].as_str() {
+                out.insert(table.to_string(), v["columns"].clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Sets `out` to the key columns of a row as text, for resuming after it (reusing its buffers:
 /// this runs for every row of a snapshot).
 fn set_key_text(table: &TableSchema, raws: &[Raw<'_>], out: &mut Vec<String>) {
@@ -957,28 +1035,8 @@ impl<'a> Streamer<'a> {
         }
     }
 
-    /// Reads what the schema history topic already records (it holds a record per shape
-    /// change, so it stays small).
     fn load_recorded_schemas(&mut self) -> Result<(), SourceError> {
-        let topic = self.src.schema_topic();
-        let end = self.src.log.durable_offset(&topic, 0)?;
-        let mut reader = self.src.log.reader(&topic, 0, StartAt::Beginning)?;
-        while reader.position() < end {
-            let records = reader.poll(1000, Duration::ZERO)?;
-            if records.is_empty() {
-                break;
-            }
-            for r in records {
-                let v: Value = r
-                    .value
-                    .as_deref()
-                    .and_then(|b| serde_json::from_slice(b).ok())
-                    .unwrap_or_default();
-                if let Some(table) = v["table"].as_str() {
-                    self.recorded_schemas.insert(table.to_string(), v["columns"].clone());
-                }
-            }
-        }
+        self.recorded_schemas = read_recorded_schemas(&*self.src.log, &self.src.schema_topic())?;
         Ok(())
     }
 
@@ -1518,20 +1576,11 @@ impl<'a> Streamer<'a> {
             columns,
             key,
         };
-        let columns: Value = schema.columns.iter().enumerate().map(|(i, c)| json!({
-            "name": c.name, "type": c.type_name, "type_oid": c.type_oid, "key": schema.key.contains(&i),
-            "excluded": c.excluded, "masked": c.masked,
-        })).collect();
+        let columns = schema_columns(&schema);
         // Recorded once per shape, not once per (re)start.
         if self.recorded_schemas.get(&qualified) != Some(&columns) {
             self.recorded_schemas.insert(qualified.clone(), columns.clone());
-            let history = json!({
-                "source": self.src.name,
-                "table": qualified,
-                "lsn": wal,
-                "ts_ms": polylog_log::now_ms(),
-                "columns": columns,
-            });
+            let history = schema_history_value(&self.src.name, &qualified, wal, columns);
             let pos = self.position(wal);
             self.emit_json(
                 &self.src.schema_topic(),

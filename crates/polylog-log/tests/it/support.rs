@@ -1,56 +1,11 @@
-//! Test helpers: temporary directories, a seeded PRNG, and log constructors.
+//! Test helpers: log constructors (temporary directories and the seeded PRNG are the testkit's).
 
 use std::path::Path;
 use std::time::Duration;
 
 use polylog_log::{EmbeddedLog, FsyncPolicy, Log, LogOptions, Record, StartAt, StoredRecord};
 
-pub use polylog_testkit::TempDir;
-
-/// SplitMix64: small, seeded, good enough to drive randomized tests reproducibly.
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded from `POLYLOG_TEST_SEED` when set, else from the clock; the seed is printed so a
-    /// failure can be replayed.
-    pub fn from_env(test: &str) -> Rng {
-        let seed = std::env::var("POLYLOG_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
-        eprintln!("{test}: POLYLOG_TEST_SEED={seed}");
-        Rng(seed)
-    }
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[0, n)`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    /// Random bytes, fewer than `n` of them.
-    pub fn bytes_below(&mut self, n: u64) -> Vec<u8> {
-        let len = self.below(n) as usize;
-        self.bytes(len)
-    }
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+pub use polylog_testkit::{Rng, TempDir};
 
 pub fn opts() -> LogOptions {
     LogOptions { fsync: FsyncPolicy::Never, maintenance_interval_ms: 0, ..LogOptions::default() }

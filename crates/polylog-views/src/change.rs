@@ -1,0 +1,90 @@
+//! Input records as the view sees them: a row set, deleted or truncated, with the transaction
+//! it belongs to.
+
+use polylog_log::StoredRecord;
+use polylog_postgres::event::Position;
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// The row's new image (`c`, `u`, `r`, or a plain JSON object value).
+    Set(Map<String, Value>),
+    Delete,
+    Truncate,
+    /// Nothing to do (a record without a key, a value that is not a JSON object).
+    Skip(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub offset: u64,
+    pub key: Vec<u8>,
+    pub op: Op,
+    /// Commit LSN of the source transaction the change belongs to; `None` for changes outside
+    /// transactions (snapshot reads, records without a position).
+    pub commit: Option<u64>,
+    /// Where it sits in its partition's change stream (0 when unknown).
+    pub order: u64,
+    /// The source LSN the change reflects (commit LSN, or the snapshot's LSN).
+    pub lsn: u64,
+    /// Whether the source counts it in its transaction's END event (tombstones are not).
+    pub counted: bool,
+}
+
+impl Change {
+    pub fn parse(r: StoredRecord) -> Change {
+        let pos = Position::from_headers(&r.headers);
+        let key = r.key.unwrap_or_default();
+        let mut change = Change {
+            offset: r.offset,
+            key,
+            op: Op::Delete,
+            commit: pos.map(|p| p.commit_lsn),
+            order: pos.map_or(0, |p| p.commit_lsn),
+            lsn: pos.map_or(0, |p| p.commit_lsn),
+            counted: r.value.is_some(),
+        };
+        let Some(value) = r.value else {
+            if change.key.is_empty() {
+                change.op = Op::Skip("a tombstone without a key".into());
+            }
+            return change;
+        };
+        let v: Value = match serde_json::from_slice(&value) {
+            Ok(v) => v,
+            Err(e) => {
+                change.op = Op::Skip(format!("the value is not JSON: {e}"));
+                return change;
+            }
+        };
+        let Value::Object(mut obj) = v else {
+            change.op = Op::Skip("the value is not a JSON object".into());
+            return change;
+        };
+        let envelope = obj.get("op").is_some_and(Value::is_string)
+            && (obj.contains_key("after") || obj.contains_key("before"));
+        if !envelope {
+            change.op = if change.key.is_empty() {
+                Op::Skip("a row without a key".into())
+            } else {
+                Op::Set(obj)
+            };
+            return change;
+        }
+        let op = obj.get("op").and_then(Value::as_str).unwrap_or_default().to_string();
+        if let Some(lsn) = obj.get("source").and_then(|s| s.get("lsn")).and_then(Value::as_u64) {
+            change.lsn = change.lsn.max(lsn);
+        }
+        if op == "r" {
+            change.commit = None; // a snapshot read belongs to no transaction
+        }
+        change.op = match (op.as_str(), obj.remove("after")) {
+            ("t", _) => Op::Truncate,
+            (_, _) if change.key.is_empty() => Op::Skip("a change without a key".into()),
+            ("d", _) => Op::Delete,
+            ("c" | "u" | "r", Some(Value::Object(after))) => Op::Set(after),
+            (other, _) => Op::Skip(format!("a change with op {other:?} and no row image")),
+        };
+        change
+    }
+}
