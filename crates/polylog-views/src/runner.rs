@@ -467,6 +467,7 @@ impl<'v> Worker<'v> {
         let (feed, commit) = (open.feed, open.commit);
         let mut progressed = false;
         let mut beyond = vec![false; self.inputs.len()];
+        #[allow(clippy::needless_range_loop)] // `head` and `apply` borrow `self` mutably
         for i in 0..self.inputs.len() {
             if self.inputs[i].tx.as_ref().map(|(f, _)| *f) != Some(feed) {
                 continue;

@@ -206,3 +206,57 @@ pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) ->
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A Postgres CDC source on its own thread (two partitions per table topic).
+pub struct RunningSource {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Result<(), polylog_postgres::SourceError>>>,
+    pub source: Arc<polylog_postgres::PostgresSource>,
+}
+
+impl RunningSource {
+    pub fn start(
+        pg: &polylog_testkit::PgCluster,
+        db: &str,
+        log: Arc<dyn Log>,
+        dir: &std::path::Path,
+    ) -> RunningSource {
+        let text = format!("url = \"{}\"\nstatus_interval_ms = 50\nheartbeat_interval_ms = 200\ntopic_prefix = \"app\"", pg.url(db));
+        let cfg: polylog_postgres::PostgresSourceConfig =
+            toml::from_str(&text).expect("source config");
+        let opts = polylog_postgres::SourceOptions {
+            state_dir: dir.join("sources").join("app"),
+            partitions: 2,
+            progress: false,
+        };
+        let source =
+            Arc::new(polylog_postgres::PostgresSource::new("app", cfg, log, opts).expect("source"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (source, stop) = (Arc::clone(&source), Arc::clone(&stop));
+            std::thread::spawn(move || source.run(&stop))
+        };
+        RunningSource { stop, handle: Some(handle), source }
+    }
+
+    /// Waits until everything Postgres wrote up to now is stored in the log.
+    pub fn wait_flushed(&self, pg: &polylog_testkit::PgCluster, db: &str) {
+        let now = pg.psql(db, "SELECT pg_current_wal_lsn()").expect("lsn");
+        let target = polylog_postgres::pgoutput::parse_lsn(&now).expect("an LSN");
+        eventually(120, "the source to store everything", || {
+            let st = self.source.status.lock().expect("status").clone();
+            assert!(st.state != "failed", "the source failed: {:?}", st.last_error);
+            let flushed = st.flushed_lsn.as_deref().and_then(polylog_postgres::pgoutput::parse_lsn);
+            (st.state == "streaming" && flushed >= Some(target)).then_some(())
+        });
+    }
+}
+
+impl Drop for RunningSource {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
