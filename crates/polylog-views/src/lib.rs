@@ -19,6 +19,9 @@ pub enum ViewError {
     /// The view's definition is wrong; the message names the field.
     #[error("{0}")]
     Config(String),
+    /// A topic the view reads does not exist (yet: a source may be about to create it).
+    #[error("{0}")]
+    MissingTopic(String),
     #[error("the log: {0}")]
     Log(#[from] polylog_log::LogError),
     #[error("the view's state store: {0}")]

@@ -112,7 +112,7 @@ impl View {
         for n in &self.spec.nodes {
             if !topics.contains(&n.topic) {
                 let field = if n.parent.is_none() { "root" } else { "topic" };
-                return Err(ViewError::Config(format!(
+                return Err(ViewError::MissingTopic(format!(
                     "`{}.{field}`: topic {:?} does not exist (is the source that writes it configured?)",
                     n.path, n.topic
                 )));

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use polylog_log::FsyncPolicy;
 pub use polylog_postgres::PostgresSourceConfig;
+use polylog_views::ViewConfig;
 use serde::Deserialize;
 
 /// The whole configuration file.
@@ -139,40 +140,6 @@ fn default_api_listen() -> String {
 pub enum SourceConfig {
     /// Change data capture from Postgres logical replication.
     Postgres(PostgresSourceConfig),
-}
-
-/// `[views.<name>]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ViewConfig {
-    /// The root topic: one document per root row.
-    pub root: String,
-    /// LEFT JOINs from the root.
-    #[serde(default)]
-    pub joins: Vec<JoinConfig>,
-}
-
-/// One LEFT JOIN of a view, possibly with nested joins.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JoinConfig {
-    /// Field of the parent document the joined rows go into.
-    pub name: String,
-    /// Topic of the joined table.
-    pub topic: String,
-    /// `{ <parent column> = "<joined column>" }`, one or more pairs.
-    pub on: BTreeMap<String, String>,
-    /// `one` (many-to-one: an object or null) or `many` (one-to-many: an array).
-    pub kind: JoinKind,
-    #[serde(default)]
-    pub joins: Vec<JoinConfig>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JoinKind {
-    One,
-    Many,
 }
 
 /// `[sinks.<name>]`
@@ -314,9 +281,7 @@ impl Config {
             pg.validate().map_err(|e| anyhow::anyhow!("`sources.{name}`: {e}"))?;
         }
         for (name, v) in &self.views {
-            polylog_log::validate_topic_name(&v.root)
-                .with_context(|| format!("`views.{name}.root`"))?;
-            check_joins(&format!("views.{name}.joins"), &v.joins)?;
+            polylog_views::ViewSpec::new(name, v)?;
         }
         for (name, s) in &self.sinks {
             match s {
@@ -347,22 +312,6 @@ impl Config {
     }
 }
 
-fn check_joins(at: &str, joins: &[JoinConfig]) -> anyhow::Result<()> {
-    let mut names = std::collections::BTreeSet::new();
-    for (i, j) in joins.iter().enumerate() {
-        let here = format!("{at}[{i}]");
-        if !names.insert(&j.name) {
-            bail!("`{here}.name`: {:?} is used twice at this level", j.name);
-        }
-        polylog_log::validate_topic_name(&j.topic).with_context(|| format!("`{here}.topic`"))?;
-        if j.on.is_empty() {
-            bail!("`{here}.on`: give at least one `parent_column = \"joined_column\"` pair");
-        }
-        check_joins(&format!("{here}.joins"), &j.joins)?;
-    }
-    Ok(())
-}
-
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -388,7 +337,7 @@ mod tests {
         assert_eq!(app.snapshot, SnapshotMode::Initial);
         let v = &c.views["videos"];
         assert_eq!(v.joins[1].joins[0].name, "tag");
-        assert_eq!(v.joins[1].kind, JoinKind::Many);
+        assert_eq!(v.joins[1].kind, polylog_views::JoinKind::Many);
         assert!(matches!(c.sinks["replica"], SinkConfig::Postgres(_)));
         assert_eq!(c.rollups["viewability"].dimensions.len(), 4);
     }

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use polylog_log::Log;
 use polylog_postgres::wire::{ConnectParams, Connection};
 use polylog_postgres::{PostgresSource, SourceOptions, SourceStatus};
+use polylog_views::{View, ViewError, ViewOptions, ViewStatus};
 
 use crate::config::{Config, SourceConfig};
 use crate::topics::print_table;
@@ -41,13 +42,21 @@ fn sources(
     Ok(out)
 }
 
-/// Runs every configured source until Ctrl-C / SIGTERM or a fatal error.
+fn views(config: &Config, log: Arc<dyn Log>) -> anyhow::Result<Vec<(String, View)>> {
+    let mut out = Vec::new();
+    for (name, v) in &config.views {
+        let opts = ViewOptions::new(config.data_dir.join("views").join(name));
+        out.push((name.clone(), View::new(name, v, Arc::clone(&log), opts)?));
+    }
+    Ok(out)
+}
+
+/// Runs every configured source, then every view, until Ctrl-C / SIGTERM or a fatal error.
 pub fn run(config: &Config) -> anyhow::Result<()> {
-    if config.sources.is_empty() {
-        bail!("nothing to run: the config has no [sources.*] table");
+    if config.sources.is_empty() && config.views.is_empty() {
+        bail!("nothing to run: the config has no [sources.*] or [views.*] table");
     }
     for (what, n) in [
-        ("views", config.views.len()),
         ("sinks", config.sinks.len()),
         ("rollups", config.rollups.len()),
         ("collector", usize::from(config.collector.is_some())),
@@ -66,28 +75,57 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     let srcs = sources(config, Arc::clone(&log), progress)?;
     let statuses: Vec<(String, Arc<Mutex<SourceStatus>>)> =
         srcs.iter().map(|(n, s)| (n.clone(), Arc::clone(&s.status))).collect();
+    let views = views(config, Arc::clone(&log))?;
     let failed = Mutex::new(Vec::new());
+    let fail = |what: String| {
+        eprintln!("polylog: {what}");
+        failed.lock().unwrap_or_else(|e| e.into_inner()).push(what);
+        stop.store(true, Ordering::SeqCst);
+    };
+    // Sources create their topics as they start; a view waits for its topics while a
+    // source is still starting (or retrying a connection).
+    let sources_starting = || {
+        statuses.iter().any(|(_, s)| {
+            let st = s.lock().unwrap_or_else(|e| e.into_inner());
+            st.state == "starting" || st.state == "retrying"
+        })
+    };
     std::thread::scope(|scope| {
         for (name, src) in &srcs {
-            let (stop, failed) = (&stop, &failed);
+            let (stop, fail) = (&stop, &fail);
             scope.spawn(move || {
                 eprintln!("polylog: source {name}: starting (slot {})", src.slot_name());
                 if let Err(e) = src.run(stop) {
-                    eprintln!("polylog: source {name} stopped: {e}");
-                    failed
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(format!("source {name}: {e}"));
-                    stop.store(true, Ordering::SeqCst);
+                    fail(format!("source {name} stopped: {e}"));
+                }
+            });
+        }
+        for (name, view) in &views {
+            let (stop, fail, sources_starting) = (&stop, &fail, &sources_starting);
+            scope.spawn(move || {
+                loop {
+                    match view.check() {
+                        Ok(()) => break,
+                        Err(ViewError::MissingTopic(_)) if sources_starting() => {}
+                        Err(e) => return fail(format!("view {name}: {e}")),
+                    }
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                eprintln!("polylog: view {name}: writing {}", view.spec.output_topic());
+                if let Err(e) = view.run(stop) {
+                    fail(format!("view {name} stopped: {e}"));
                 }
             });
         }
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
-                write_status(config, &statuses);
+                write_status(config, &statuses, &views);
                 std::thread::sleep(STATUS_INTERVAL);
             }
-            write_status(config, &statuses);
+            write_status(config, &statuses, &views);
         });
     });
     let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -98,24 +136,36 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_status(config: &Config, statuses: &[(String, Arc<Mutex<SourceStatus>>)]) {
+fn write_status(
+    config: &Config,
+    statuses: &[(String, Arc<Mutex<SourceStatus>>)],
+    views: &[(String, View)],
+) {
     let map: BTreeMap<&str, SourceStatus> = statuses
         .iter()
         .map(|(n, s)| (n.as_str(), s.lock().unwrap_or_else(|e| e.into_inner()).clone()))
         .collect();
+    let view_map: BTreeMap<&str, ViewStatus> = views
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.status.lock().unwrap_or_else(|e| e.into_inner()).clone()))
+        .collect();
     let path = status_path(config);
     let tmp = path.with_extension("json.tmp");
-    let body = serde_json::json!({ "updated_ms": polylog_log::now_ms(), "sources": map });
+    let body = serde_json::json!({
+        "updated_ms": polylog_log::now_ms(),
+        "sources": map,
+        "views": view_map,
+    });
     let _ = std::fs::create_dir_all(path.parent().unwrap_or(&config.data_dir))
         .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(&body).unwrap_or_default()))
         .and_then(|()| std::fs::rename(&tmp, &path));
 }
 
 /// Prints each source's state (as the running process last reported it) and its slot's lag,
-/// read from Postgres.
+/// read from Postgres, then each view's state and lag.
 pub fn status(config: &Config) -> anyhow::Result<()> {
-    if config.sources.is_empty() {
-        println!("no sources configured");
+    if config.sources.is_empty() && config.views.is_empty() {
+        println!("no sources or views configured");
         return Ok(());
     }
     let reported: serde_json::Value = std::fs::read(status_path(config))
@@ -124,10 +174,18 @@ pub fn status(config: &Config) -> anyhow::Result<()> {
         .unwrap_or_default();
     let age_ms = reported["updated_ms"].as_i64().map(|t| polylog_log::now_ms() - t);
     let running = age_ms.is_some_and(|a| a < 5_000);
-    let mut rows =
-        vec![["SOURCE", "STATE", "FLUSHED LSN", "SLOT", "SLOT LAG", "EVENTS", "LAST ERROR"]
-            .map(String::from)
-            .to_vec()];
+    let mut rows = vec![[
+        "SOURCE",
+        "STATE",
+        "SNAPSHOT",
+        "FLUSHED LSN",
+        "SLOT",
+        "SLOT LAG",
+        "EVENTS",
+        "LAST ERROR",
+    ]
+    .map(String::from)
+    .to_vec()];
     for (name, s) in &config.sources {
         let SourceConfig::Postgres(pg) = s;
         let r = &reported["sources"][name];
@@ -157,6 +215,36 @@ pub fn status(config: &Config) -> anyhow::Result<()> {
             slot_state,
             lag,
             r["events"].as_u64().map_or("-".into(), |e| e.to_string()),
+            r["last_error"].as_str().unwrap_or("").to_string(),
+        ]);
+    }
+    if !config.sources.is_empty() {
+        print_table(&mut std::io::stdout().lock(), &rows)?;
+    }
+    if config.views.is_empty() {
+        return Ok(());
+    }
+    if !config.sources.is_empty() {
+        println!();
+    }
+    let mut rows = vec![["VIEW", "STATE", "LAG", "CHANGES", "DOCUMENTS", "VERSION", "LAST ERROR"]
+        .map(String::from)
+        .to_vec()];
+    for name in config.views.keys() {
+        let r = &reported["views"][name];
+        let num = |k: &str| r[k].as_u64().map_or("-".to_string(), |n| n.to_string());
+        let state = if running {
+            r["state"].as_str().unwrap_or("waiting for its topics").to_string()
+        } else {
+            "not running".into()
+        };
+        rows.push(vec![
+            name.clone(),
+            state,
+            if running { format!("{} records", num("lag")) } else { "-".into() },
+            num("changes"),
+            num("documents"),
+            r["version"].as_u64().map_or("-".into(), polylog_postgres::pgoutput::format_lsn),
             r["last_error"].as_str().unwrap_or("").to_string(),
         ]);
     }

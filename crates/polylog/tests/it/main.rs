@@ -201,13 +201,20 @@ fn quickstart_runs_on_a_fresh_machine() {
 fn run_captures_changes_and_status_shows_them_until_sigterm() {
     let pg = polylog_testkit::PgCluster::start().expect("postgres");
     pg.create_database("app").expect("db");
-    pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'one')")
-        .expect("schema");
+    pg.psql(
+        "app",
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'one');
+         CREATE TABLE notes (id int PRIMARY KEY, t_id int, body text);
+         INSERT INTO notes VALUES (10, 1, 'first');",
+    )
+    .expect("schema");
     let d = TempDir::new("run");
+    let view = "[views.tv]\nroot = \"app.public.t\"\n\
+        joins = [{ name = \"notes\", topic = \"app.public.notes\", on = { id = \"t_id\" }, kind = \"many\", fields = [\"body\"] }]\n";
     std::fs::write(
         d.path().join("polylog.toml"),
         format!(
-            "[sources.app]\nkind = \"postgres\"\nurl = \"{}\"\nstatus_interval_ms = 100\n",
+            "[sources.app]\nkind = \"postgres\"\nurl = \"{}\"\nstatus_interval_ms = 100\n{view}",
             pg.url("app")
         ),
     )
@@ -245,8 +252,27 @@ fn run_captures_changes_and_status_shows_them_until_sigterm() {
         status.contains("app") && status.contains("streaming") && status.contains("SLOT LAG"),
         "{status}"
     );
-    // The one-row table's snapshot, as progress: "1/~N rows (..%)" or "1 rows" without an estimate.
-    assert!(status.contains(" 1/~") || status.contains(" 1 rows"), "snapshot progress: {status}");
+    // The two one-row tables' snapshot, as progress: "2/~N rows (..%)" or "2 rows" without an
+    // estimate.
+    assert!(status.contains(" 2/~") || status.contains(" 2 rows"), "snapshot progress: {status}");
+    // The view, after the sources: a document per row of t, with its notes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let docs = loop {
+        let out = run_cmd(d.path(), &["topics", "tail", "views.tv", "--from-beginning"]);
+        let docs = lines(&out);
+        if docs.iter().any(|d| d["key"]["id"] == 2) || Instant::now() > deadline {
+            break docs;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let one = docs.iter().rev().find(|d| d["key"]["id"] == 1).expect("t 1's document");
+    assert_eq!(one["value"]["notes"], serde_json::json!([{"body": "first"}]), "{docs:?}");
+    assert!(one["value"]["_version"].is_u64(), "{one}");
+    let status = ok(d.path(), &["status"], "");
+    assert!(
+        status.contains("VIEW") && status.contains("tv") && status.contains("running"),
+        "{status}"
+    );
     let killed =
         Command::new("kill").args(["-TERM", &run.id().to_string()]).status().expect("kill");
     assert!(killed.success());
@@ -256,6 +282,16 @@ fn run_captures_changes_and_status_shows_them_until_sigterm() {
     assert!(stderr.contains("stopped"), "{stderr}");
     let status = ok(d.path(), &["status"], "");
     assert!(status.contains("stopped") || status.contains("not running"), "{status}");
+}
+
+#[test]
+fn run_refuses_a_view_over_a_topic_nothing_writes() {
+    let d = TempDir::new("bad-view");
+    std::fs::write(d.path().join("polylog.toml"), "[views.v]\nroot = \"app.public.nope\"\n")
+        .expect("config");
+    let err = fails(d.path(), &["run"], "");
+    assert!(err.contains("view v") && err.contains("`views.v.root`"), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
 }
 
 fn run_cmd(dir: &Path, args: &[&str]) -> String {
