@@ -8,6 +8,7 @@
 
 mod cdc;
 mod log_append;
+mod view_join;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,11 @@ const SCENARIOS: &[(&str, &str)] = &[
         "cdc_snapshot",
         "rows/s snapshotting a table into the log, vs psql \\copy to /dev/null \
          (options: --rows N, --parallelism N, --fsync always|never)",
+    ),
+    (
+        "view_join",
+        "input changes/s through a videos+publisher+tags view, vs querying Postgres for each \
+         change's documents (options: --videos N, --changes N, --baseline-changes N)",
     ),
 ];
 
@@ -94,6 +100,7 @@ fn main() -> ExitCode {
         "log_append" => log_append::run(&opts),
         "cdc_stream" => cdc::stream(&opts),
         "cdc_snapshot" => cdc::snapshot(&opts),
+        "view_join" => view_join::run(&opts),
         other => Err(format!("unknown scenario {other:?}\n{}", usage())),
     };
     match result {
