@@ -52,7 +52,7 @@ const SCENARIOS: &[(&str, &str)] = &[
     (
         "view_join",
         "input changes/s through a videos+publisher+tags view, vs querying Postgres for each \
-         change's documents (options: --videos N, --changes N, --baseline-changes N)",
+         change's documents (options: --videos N, --changes N, --baseline-changes N, --cache-mb N)",
     ),
 ];
 

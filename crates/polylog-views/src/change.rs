@@ -1,14 +1,14 @@
 //! Input records as the view sees them: a row set, deleted or truncated, with the transaction
 //! it belongs to.
 
+use crate::json::Fields;
 use polylog_log::StoredRecord;
 use polylog_postgres::event::Position;
-use serde_json::{Map, Value};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    /// The row's new image (`c`, `u`, `r`, or a plain JSON object value).
-    Set(Map<String, Value>),
+    /// The row's new image, a JSON object (`c`, `u`, `r`, or a plain JSON object value).
+    Set(Vec<u8>),
     Delete,
     Truncate,
     /// Nothing to do (a record without a key, a value that is not a JSON object).
@@ -50,39 +50,41 @@ impl Change {
             }
             return change;
         };
-        let v: Value = match serde_json::from_slice(&value) {
-            Ok(v) => v,
-            Err(e) => {
-                change.op = Op::Skip(format!("the value is not JSON: {e}"));
-                return change;
-            }
-        };
-        let Value::Object(mut obj) = v else {
+        let Some(fields) = Fields::parse(&value) else {
             change.op = Op::Skip("the value is not a JSON object".into());
             return change;
         };
-        let envelope = obj.get("op").is_some_and(Value::is_string)
-            && (obj.contains_key("after") || obj.contains_key("before"));
+        let op = fields.get("op").filter(|o| o.first() == Some(&b'"'));
+        let envelope =
+            op.is_some() && (fields.get("after").is_some() || fields.get("before").is_some());
         if !envelope {
             change.op = if change.key.is_empty() {
                 Op::Skip("a row without a key".into())
             } else {
-                Op::Set(obj)
+                Op::Set(value.clone())
             };
             return change;
         }
-        let op = obj.get("op").and_then(Value::as_str).unwrap_or_default().to_string();
-        if let Some(lsn) = obj.get("source").and_then(|s| s.get("lsn")).and_then(Value::as_u64) {
+        let op = op
+            .map(|o| String::from_utf8_lossy(&o[1..o.len().saturating_sub(1)]).into_owned())
+            .unwrap_or_default();
+        let source_lsn = fields
+            .get("source")
+            .and_then(Fields::parse)
+            .and_then(|s| s.get("lsn"))
+            .and_then(|l| std::str::from_utf8(l).ok()?.parse::<u64>().ok());
+        if let Some(lsn) = source_lsn {
             change.lsn = change.lsn.max(lsn);
         }
         if op == "r" {
             change.commit = None; // a snapshot read belongs to no transaction
         }
-        change.op = match (op.as_str(), obj.remove("after")) {
+        let after = fields.get("after").filter(|a| a.first() == Some(&b'{'));
+        change.op = match (op.as_str(), after) {
             ("t", _) => Op::Truncate,
             (_, _) if change.key.is_empty() => Op::Skip("a change without a key".into()),
             ("d", _) => Op::Delete,
-            ("c" | "u" | "r", Some(Value::Object(after))) => Op::Set(after),
+            ("c" | "u" | "r", Some(after)) => Op::Set(after.to_vec()),
             (other, _) => Op::Skip(format!("a change with op {other:?} and no row image")),
         };
         change

@@ -5,7 +5,7 @@
 //! | key                         | value                | what                                  |
 //! |-----------------------------|----------------------|---------------------------------------|
 //! | `R node pk`                 | row (JSON object)    | a row of the node's table             |
-//! | `C node vals pk`            | -                    | rows of a join, by their join columns |
+//! | `C node vals pk`            | row (JSON object)    | rows of a join, by their join columns |
 //! | `P node vals parent_pk`     | -                    | its parent's rows, by the parent's join columns |
 //! | `E root_pk`                 | version, hash (u64s) | the document last emitted for a root  |
 //! | `D root_pk`                 | -                    | roots to re-emit, spilled from memory |
@@ -20,9 +20,10 @@ use std::cmp::Ordering;
 use std::collections::BTreeSet;
 
 use redb::{ReadableTable, Table};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::config::JoinKind;
+use crate::json::{write_str, Fields};
 use crate::spec::{join_values, ViewSpec};
 use crate::ViewError;
 
@@ -91,13 +92,13 @@ fn scan(t: &StateTable<'_>, prefix: &[u8], limit: usize) -> Result<Vec<Vec<u8>>,
     Ok(out)
 }
 
-fn get_row(
-    t: &StateTable<'_>,
-    node: usize,
-    pk: &[u8],
-) -> Result<Option<Map<String, Value>>, ViewError> {
-    let Some(v) = t.get(row_key(node, pk).as_slice()).map_err(store_err)? else { return Ok(None) };
-    serde_json::from_slice(v.value()).map(Some).map_err(store_err)
+fn get_row(t: &StateTable<'_>, node: usize, pk: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
+    Ok(t.get(row_key(node, pk).as_slice()).map_err(store_err)?.map(|v| v.value().to_vec()))
+}
+
+/// A row's fields; a stored row is always an object, so an unreadable one reads as empty.
+fn fields(row: &[u8]) -> Fields<'_> {
+    Fields::parse(row).unwrap_or_default()
 }
 
 /// Roots whose documents must be rebuilt: in memory, spilling into the store when many.
@@ -161,49 +162,62 @@ pub(crate) struct Core<'s> {
 }
 
 impl Core<'_> {
-    /// Sets (`Some`) or deletes (`None`) a row of `node`, marking the roots it affects.
+    /// Sets (`Some`, a JSON object) or deletes (`None`) a row of `node`, marking the roots it
+    /// affects.
     pub fn apply(
         &self,
         t: &mut StateTable<'_>,
         dirty: &mut Dirty,
         node: usize,
         pk: &[u8],
-        row: Option<&Map<String, Value>>,
+        row: Option<&[u8]>,
     ) -> Result<(), ViewError> {
         let n = &self.spec.nodes[node];
-        let new = row.map(|r| match &n.stored {
-            None => r.clone(),
-            Some(cols) => r
-                .iter()
-                .filter(|(k, _)| cols.contains(*k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+        let new: Option<Vec<u8>> = row.map(|r| match &n.stored {
+            None => r.to_vec(),
+            Some(cols) => {
+                let mut out = vec![b'{'];
+                for (k, v) in fields(r).items.iter().filter(|(k, _)| cols.contains(k.as_ref())) {
+                    if out.len() > 1 {
+                        out.push(b',');
+                    }
+                    write_str(&mut out, k);
+                    out.push(b':');
+                    out.extend_from_slice(v);
+                }
+                out.push(b'}');
+                out
+            }
         });
         let old = get_row(t, node, pk)?;
         if old == new {
             return Ok(()); // nothing this view keeps changed
         }
-        if let Some(o) = &old {
+        let old_fields = old.as_deref().map(fields);
+        let new_fields = new.as_deref().map(fields);
+        if let Some(o) = &old_fields {
             self.mark_roots(t, dirty, node, pk, o)?;
         }
         if n.parent.is_some() {
-            self.reindex(t, b'C', node, &n.child_cols, pk, old.as_ref(), new.as_ref())?;
+            // A join's rows are kept in its index too, so documents read them in one scan.
+            let cols = &n.child_cols;
+            let (of, nf) = (old_fields.as_ref(), new_fields.as_ref());
+            self.reindex(t, b'C', node, cols, pk, of, nf, new.as_deref())?;
         }
         for &c in &n.children {
             let cols = &self.spec.nodes[c].parent_cols;
-            self.reindex(t, b'P', c, cols, pk, old.as_ref(), new.as_ref())?;
+            self.reindex(t, b'P', c, cols, pk, old_fields.as_ref(), new_fields.as_ref(), None)?;
         }
         let key = row_key(node, pk);
         match &new {
             Some(r) => {
-                let bytes = serde_json::to_vec(r).map_err(store_err)?;
-                t.insert(key.as_slice(), bytes.as_slice()).map_err(store_err)?;
+                t.insert(key.as_slice(), r.as_slice()).map_err(store_err)?;
             }
             None => {
                 t.remove(key.as_slice()).map_err(store_err)?;
             }
         }
-        if let Some(r) = &new {
+        if let Some(r) = &new_fields {
             self.mark_roots(t, dirty, node, pk, r)?;
         }
         Ok(())
@@ -236,19 +250,21 @@ impl Core<'_> {
         node: usize,
         cols: &[String],
         pk: &[u8],
-        old: Option<&Map<String, Value>>,
-        new: Option<&Map<String, Value>>,
+        old: Option<&Fields<'_>>,
+        new: Option<&Fields<'_>>,
+        value: Option<&[u8]>,
     ) -> Result<(), ViewError> {
         let ov = old.and_then(|r| join_values(r, cols));
         let nv = new.and_then(|r| join_values(r, cols));
-        if ov == nv {
+        if ov == nv && value.is_none() {
             return Ok(());
         }
-        if let Some(v) = ov {
-            t.remove(index_key(tag, node, &v, pk).as_slice()).map_err(store_err)?;
+        if let Some(v) = ov.as_ref().filter(|&v| Some(v) != nv.as_ref()) {
+            t.remove(index_key(tag, node, v, pk).as_slice()).map_err(store_err)?;
         }
         if let Some(v) = nv {
-            t.insert(index_key(tag, node, &v, pk).as_slice(), &[][..]).map_err(store_err)?;
+            let value = value.unwrap_or_default();
+            t.insert(index_key(tag, node, &v, pk).as_slice(), value).map_err(store_err)?;
         }
         Ok(())
     }
@@ -260,7 +276,7 @@ impl Core<'_> {
         dirty: &mut Dirty,
         node: usize,
         pk: &[u8],
-        row: &Map<String, Value>,
+        row: &Fields<'_>,
     ) -> Result<(), ViewError> {
         let n = &self.spec.nodes[node];
         let Some(parent) = n.parent else { return dirty.mark(t, pk) };
@@ -286,7 +302,7 @@ impl Core<'_> {
             parents.sort();
             for ppk in &parents {
                 if let Some(prow) = get_row(t, parent, ppk)? {
-                    self.mark_roots(t, dirty, parent, ppk, &prow)?;
+                    self.mark_roots(t, dirty, parent, ppk, &fields(&prow))?;
                 }
             }
             if parents.len() < 1000 {
@@ -297,71 +313,99 @@ impl Core<'_> {
     }
 
     /// The document of a root, from the state (`None` if the root row does not exist).
-    pub fn document(
-        &self,
-        t: &StateTable<'_>,
-        pk: &[u8],
-    ) -> Result<Option<Map<String, Value>>, ViewError> {
+    pub fn document(&self, t: &StateTable<'_>, pk: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
         let Some(row) = get_row(t, 0, pk)? else { return Ok(None) };
-        self.node_document(t, 0, &row).map(Some)
+        let mut out = Vec::with_capacity(row.len() * 2);
+        self.node_document(t, 0, &row, &mut out)?;
+        Ok(Some(out))
     }
 
+    /// Writes the document of a row of `node` (its fields, then its joins) to `out`.
     fn node_document(
         &self,
         t: &StateTable<'_>,
         node: usize,
-        row: &Map<String, Value>,
-    ) -> Result<Map<String, Value>, ViewError> {
+        row: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ViewError> {
         let n = &self.spec.nodes[node];
-        let mut out = Map::new();
-        let field = |c: &String| n.rename.get(c).cloned().unwrap_or_else(|| c.clone());
+        let row = fields(row);
+        let start = out.len();
+        out.push(b'{');
+        let field = |out: &mut Vec<u8>, name: &str| {
+            if out.len() > start + 1 {
+                out.push(b',');
+            }
+            write_str(out, n.rename.get(name).map_or(name, String::as_str));
+            out.push(b':');
+        };
         match &n.fields {
-            Some(fields) => {
-                for f in fields {
-                    out.insert(field(f), row.get(f).cloned().unwrap_or(Value::Null));
+            Some(names) => {
+                for f in names {
+                    field(out, f);
+                    out.extend_from_slice(row.get(f).unwrap_or(b"null"));
                 }
             }
             None => {
-                for (k, v) in row {
-                    out.insert(field(k), v.clone());
+                // A column named like one of the joins gives way to the join.
+                let joined = |k: &str| {
+                    let name = n.rename.get(k).map_or(k, String::as_str);
+                    n.children.iter().any(|&c| self.spec.nodes[c].name == name)
+                };
+                for (k, v) in row.items.iter().filter(|(k, _)| !joined(k)) {
+                    field(out, k);
+                    out.extend_from_slice(v);
                 }
             }
         }
         for &c in &n.children {
             let child = &self.spec.nodes[c];
-            let mut rows: Vec<(Value, Map<String, Value>)> = Vec::new();
-            if let Some(vals) = join_values(row, &child.parent_cols) {
-                for pk in scan(t, &index_prefix(b'C', c, &vals), usize::MAX)? {
-                    if let Some(r) = get_row(t, c, &pk)? {
-                        let key: Value = serde_json::from_slice(&pk).unwrap_or(Value::Null);
-                        rows.push((key, r));
+            let rows = match join_values(&row, &child.parent_cols) {
+                Some(vals) => scan_entries(t, &index_prefix(b'C', c, &vals))?,
+                None => Vec::new(),
+            };
+            let mut rows = rows;
+            if rows.len() > 1 {
+                let mut keyed: Vec<(Vec<Value>, (Vec<u8>, Vec<u8>))> = rows
+                    .into_iter()
+                    .map(|(pk, r)| {
+                        let f = fields(&r);
+                        let mut k: Vec<Value> = child
+                            .order_by
+                            .iter()
+                            .map(|c| {
+                                f.get(c)
+                                    .and_then(|v| serde_json::from_slice(v).ok())
+                                    .unwrap_or(Value::Null)
+                            })
+                            .collect();
+                        k.push(serde_json::from_slice(&pk).unwrap_or(Value::Null));
+                        (k, (pk, r))
+                    })
+                    .collect();
+                keyed.sort_by(|a, b| cmp_values_list(&a.0, &b.0));
+                rows = keyed.into_iter().map(|(_, r)| r).collect();
+            }
+            field(out, &child.name);
+            match child.kind {
+                JoinKind::One => match rows.first() {
+                    Some((_, r)) => self.node_document(t, c, r, out)?,
+                    None => out.extend_from_slice(b"null"),
+                },
+                JoinKind::Many => {
+                    out.push(b'[');
+                    for (i, (_, r)) in rows.iter().enumerate() {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        self.node_document(t, c, r, out)?;
                     }
+                    out.push(b']');
                 }
             }
-            let sort_key = |(k, r): &(Value, Map<String, Value>)| -> Vec<Value> {
-                let mut v: Vec<Value> = child
-                    .order_by
-                    .iter()
-                    .map(|c| r.get(c).cloned().unwrap_or(Value::Null))
-                    .collect();
-                v.push(k.clone());
-                v
-            };
-            rows.sort_by(|a, b| cmp_values_list(&sort_key(a), &sort_key(b)));
-            let value = match child.kind {
-                JoinKind::One => match rows.first() {
-                    Some((_, r)) => Value::Object(self.node_document(t, c, r)?),
-                    None => Value::Null,
-                },
-                JoinKind::Many => Value::Array(
-                    rows.iter()
-                        .map(|(_, r)| self.node_document(t, c, r).map(Value::Object))
-                        .collect::<Result<_, _>>()?,
-                ),
-            };
-            out.insert(child.name.clone(), value);
         }
-        Ok(out)
+        out.push(b'}');
+        Ok(())
     }
 
     /// Rebuilds the documents of up to `n` marked roots; what changed since the last emission
@@ -388,16 +432,20 @@ impl Core<'_> {
             });
             match self.document(t, &pk)? {
                 Some(mut doc) => {
-                    let hash = fnv1a(&serde_json::to_vec(&doc).map_err(store_err)?);
+                    let hash = fnv1a(&doc);
                     if last.is_some_and(|(_, h)| h == hash) {
                         continue; // the same document as last emitted
                     }
                     let v = last.map_or(version, |(lv, _)| lv.max(version));
-                    doc.insert("_version".into(), Value::from(v));
+                    doc.pop(); // the closing brace
+                    if doc.len() > 1 {
+                        doc.push(b',');
+                    }
+                    doc.extend_from_slice(format!("\"_version\":{v}}}").as_bytes());
                     let mut e = v.to_be_bytes().to_vec();
                     e.extend_from_slice(&hash.to_be_bytes());
                     t.insert(ekey.as_slice(), e.as_slice()).map_err(store_err)?;
-                    out.push((pk, Some(serde_json::to_vec(&doc).map_err(store_err)?)));
+                    out.push((pk, Some(doc)));
                 }
                 None => {
                     if last.is_some() {
@@ -409,6 +457,21 @@ impl Core<'_> {
         }
         Ok(out)
     }
+}
+
+/// Every entry starting with `prefix`: its key without the prefix, and its value.
+fn scan_entries(t: &StateTable<'_>, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError> {
+    let mut out = Vec::new();
+    let iter = match prefix_end(prefix) {
+        Some(end) => t.range(prefix..end.as_slice()),
+        None => t.range(prefix..),
+    }
+    .map_err(store_err)?;
+    for entry in iter {
+        let (k, v) = entry.map_err(store_err)?;
+        out.push((k.value()[prefix.len()..].to_vec(), v.value().to_vec()));
+    }
+    Ok(out)
 }
 
 fn scan_from(
@@ -501,6 +564,7 @@ mod tests {
     use serde_json::{json, Map, Value};
 
     use super::*;
+    use crate::config::JoinKind;
     use crate::config::ViewConfig;
 
     const VIEW: &str = r#"
@@ -677,7 +741,8 @@ mod tests {
                     }
                     let (node, key, row) = change(&mut rng);
                     ops.push(format!("{node} {} {row:?}", String::from_utf8_lossy(&key)));
-                    core.apply(&mut t, &mut dirty, node, &key, row.as_ref()).expect("apply");
+                    let bytes = row.as_ref().map(|r| serde_json::to_vec(r).expect("json"));
+                    core.apply(&mut t, &mut dirty, node, &key, bytes.as_deref()).expect("apply");
                     match row {
                         Some(r) => tables[node].insert(key, r),
                         None => tables[node].remove(&key),

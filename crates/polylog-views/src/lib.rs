@@ -6,6 +6,7 @@
 pub mod change;
 pub mod config;
 mod core;
+pub mod json;
 pub mod runner;
 pub mod spec;
 

@@ -2,9 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde_json::{Map, Value};
-
 use crate::config::{JoinConfig, JoinKind, ViewConfig};
+use crate::json::Fields;
 use crate::ViewError;
 
 /// One table of a view: the root (node 0) or a join, with the columns it needs.
@@ -237,6 +236,20 @@ impl ViewSpec {
             })
         };
         for (i, n) in self.nodes.iter().enumerate() {
+            if let (None, Some(cols)) = (&n.fields, &schemas[i]) {
+                for c in cols {
+                    let name = n.rename.get(&c.name).unwrap_or(&c.name);
+                    if let Some(&j) = n.children.iter().find(|&&j| &self.nodes[j].name == name) {
+                        return Err(bad(
+                            &format!("{}.name", self.nodes[j].path),
+                            format!(
+                                "{name:?} is also a column of {}: name the join differently, or list `fields`",
+                                n.topic
+                            ),
+                        ));
+                    }
+                }
+            }
             for f in n.fields.iter().flatten() {
                 find(i, f).map_err(|e| bad(&format!("{}.fields", n.path), e))?;
             }
@@ -277,15 +290,17 @@ fn type_class(type_name: &str) -> String {
 
 /// The values of `cols` in a row, as the bytes of a JSON array; `None` if any is null or
 /// missing (a null never joins).
-pub fn join_values(row: &Map<String, Value>, cols: &[String]) -> Option<Vec<u8>> {
-    let mut vals = Vec::with_capacity(cols.len());
-    for c in cols {
-        match row.get(c) {
-            None | Some(Value::Null) => return None,
-            Some(v) => vals.push(v),
+pub fn join_values(row: &Fields<'_>, cols: &[String]) -> Option<Vec<u8>> {
+    let mut out = vec![b'['];
+    for (i, c) in cols.iter().enumerate() {
+        let v = row.get(c).filter(|v| *v != b"null")?;
+        if i > 0 {
+            out.push(b',');
         }
+        out.extend_from_slice(v);
     }
-    serde_json::to_vec(&vals).ok()
+    out.push(b']');
+    Some(out)
 }
 
 #[cfg(test)]
