@@ -153,6 +153,9 @@ impl Dirty {
     }
 }
 
+/// A stored entry: its key (without the prefix it was found by) and its value.
+type Entry = (Vec<u8>, Vec<u8>);
+
 /// A document to write: the root key and the document (`None`: a tombstone).
 pub(crate) type Emitted = (Vec<u8>, Option<Vec<u8>>);
 
@@ -366,7 +369,7 @@ impl Core<'_> {
             };
             let mut rows = rows;
             if rows.len() > 1 {
-                let mut keyed: Vec<(Vec<Value>, (Vec<u8>, Vec<u8>))> = rows
+                let mut keyed: Vec<(Vec<Value>, Entry)> = rows
                     .into_iter()
                     .map(|(pk, r)| {
                         let f = fields(&r);
@@ -460,7 +463,7 @@ impl Core<'_> {
 }
 
 /// Every entry starting with `prefix`: its key without the prefix, and its value.
-fn scan_entries(t: &StateTable<'_>, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError> {
+fn scan_entries(t: &StateTable<'_>, prefix: &[u8]) -> Result<Vec<Entry>, ViewError> {
     let mut out = Vec::new();
     let iter = match prefix_end(prefix) {
         Some(end) => t.range(prefix..end.as_slice()),
