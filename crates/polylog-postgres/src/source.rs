@@ -88,7 +88,8 @@ pub fn default_object_name(source: &str) -> String {
     format!("polylog_{}", topic_safe(source).replace(['.', '-'], "_").to_lowercase())
 }
 
-fn topic_safe(s: &str) -> String {
+/// A name as it appears in topic names: characters Kafka does not allow become `_`.
+pub fn topic_safe(s: &str) -> String {
     s.chars()
         .map(
             |c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' },
@@ -1182,13 +1183,25 @@ impl<'a> Streamer<'a> {
         records: Vec<Record>,
         pos: Position,
     ) -> Result<bool, SourceError> {
-        let partitions =
-            if topic == self.src.transaction_topic() || topic == self.src.schema_topic() {
-                1
-            } else {
-                self.src.opts.partitions
-            };
-        let p = key.as_deref().map_or(0, |k| partition_for_key(k, partitions));
+        let p = key.as_deref().map_or(0, |k| partition_for_key(k, self.partitions_of(topic)));
+        self.emit_to(topic, p, records, pos)
+    }
+
+    fn partitions_of(&self, topic: &str) -> u32 {
+        if topic == self.src.transaction_topic() || topic == self.src.schema_topic() {
+            1
+        } else {
+            self.src.opts.partitions
+        }
+    }
+
+    fn emit_to(
+        &mut self,
+        topic: &str,
+        p: u32,
+        records: Vec<Record>,
+        pos: Position,
+    ) -> Result<bool, SourceError> {
         if pos <= self.stored(topic, p)? {
             return Ok(false); // already stored before a crash: a replay
         }
@@ -1286,9 +1299,13 @@ impl<'a> Streamer<'a> {
                     {
                         ch.rows.clear();
                     }
+                    // One in every partition, so each partition's changes are ordered around
+                    // it (a consumer of one partition drops the rows of that partition).
                     // Counted whether written now or before a crash: END tells the whole story.
-                    self.emit(&topic, None, vec![rec], pos)?;
-                    self.count(&schema);
+                    for p in 0..self.partitions_of(&topic) {
+                        self.emit_to(&topic, p, vec![rec.clone()], pos)?;
+                        self.count(&schema);
+                    }
                 }
             }
             Message::LogicalMessage { lsn, prefix, content, .. } => {

@@ -50,7 +50,8 @@ impl Change {
             }
             return change;
         };
-        let Some(fields) = Fields::parse(&value) else {
+        let valid = serde_json::from_slice::<serde::de::IgnoredAny>(&value).is_ok();
+        let Some(fields) = Fields::parse(&value).filter(|_| valid) else {
             change.op = Op::Skip("the value is not a JSON object".into());
             return change;
         };

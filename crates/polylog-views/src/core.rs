@@ -7,7 +7,7 @@
 //! | `R node pk`                 | row (JSON object)    | a row of the node's table             |
 //! | `C node vals pk`            | row (JSON object)    | rows of a join, by their join columns |
 //! | `P node vals parent_pk`     | -                    | its parent's rows, by the parent's join columns |
-//! | `E root_pk`                 | version, hash (u64s) | the document last emitted for a root  |
+//! | `E root_pk`                 | version (u64), digest (16 bytes) | the document last emitted for a root |
 //! | `D root_pk`                 | -                    | roots to re-emit, spilled from memory |
 //! | `M name`                    | bytes                | checkpoint metadata                   |
 //!
@@ -226,21 +226,27 @@ impl Core<'_> {
         Ok(())
     }
 
-    /// Deletes every row of `node` (a TRUNCATE of its table).
+    /// Deletes the rows of `node` (a TRUNCATE of its table): all of them, or with
+    /// `Some((p, n))` those whose key falls in partition `p` of `n` (a CDC source writes a
+    /// TRUNCATE to every partition; each copy empties its own).
     pub fn truncate(
         &self,
         t: &mut StateTable<'_>,
         dirty: &mut Dirty,
         node: usize,
+        partition: Option<(u32, u32)>,
     ) -> Result<(), ViewError> {
         let prefix = [b'R', node as u8];
+        let mut from = prefix.to_vec();
         loop {
-            let pks = scan(t, &prefix, 1000)?;
-            if pks.is_empty() {
-                return Ok(());
-            }
-            for pk in pks {
-                self.apply(t, dirty, node, &pk, None)?;
+            let page = scan_from(t, &prefix, &from, 1000)?;
+            let Some(last) = page.last() else { return Ok(()) };
+            from = [&prefix[..], last, &[0]].concat();
+            let mine = |pk: &[u8]| {
+                partition.is_none_or(|(p, n)| polylog_log::partition_for_key(pk, n) == p)
+            };
+            for pk in page.iter().filter(|pk| mine(pk)) {
+                self.apply(t, dirty, node, pk, None)?;
             }
         }
     }
@@ -350,10 +356,12 @@ impl Core<'_> {
                 }
             }
             None => {
-                // A column named like one of the joins gives way to the join.
+                // A column named like one of the joins gives way to the join (and at the
+                // root, a column named `_version` to the document's version).
                 let joined = |k: &str| {
                     let name = n.rename.get(k).map_or(k, String::as_str);
-                    n.children.iter().any(|&c| self.spec.nodes[c].name == name)
+                    (node == 0 && name == "_version")
+                        || n.children.iter().any(|&c| self.spec.nodes[c].name == name)
                 };
                 for (k, v) in row.items.iter().filter(|(k, _)| !joined(k)) {
                     field(out, k);
@@ -424,18 +432,18 @@ impl Core<'_> {
         for pk in dirty.take(t, n)? {
             let mut ekey = vec![b'E'];
             ekey.extend_from_slice(&pk);
+            // The version and digest of the document last written.
             let last = t.get(ekey.as_slice()).map_err(store_err)?.map(|v| {
                 let b = v.value();
-                let word = |i: usize| {
-                    u64::from_be_bytes(
-                        b.get(i..i + 8).and_then(|s| s.try_into().ok()).unwrap_or([0; 8]),
-                    )
-                };
-                (word(0), word(8))
+                let version =
+                    b.get(..8).and_then(|s| s.try_into().ok()).map_or(0, u64::from_be_bytes);
+                let digest: [u8; 16] =
+                    b.get(8..24).and_then(|s| s.try_into().ok()).unwrap_or_default();
+                (version, digest)
             });
             match self.document(t, &pk)? {
                 Some(mut doc) => {
-                    let hash = fnv1a(&doc);
+                    let hash = digest(&doc);
                     if last.is_some_and(|(_, h)| h == hash) {
                         continue; // the same document as last emitted
                     }
@@ -446,7 +454,7 @@ impl Core<'_> {
                     }
                     doc.extend_from_slice(format!("\"_version\":{v}}}").as_bytes());
                     let mut e = v.to_be_bytes().to_vec();
-                    e.extend_from_slice(&hash.to_be_bytes());
+                    e.extend_from_slice(&hash);
                     t.insert(ekey.as_slice(), e.as_slice()).map_err(store_err)?;
                     out.push((pk, Some(doc)));
                 }
@@ -499,13 +507,13 @@ fn scan_from(
     Ok(out)
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+/// A digest of a document, to tell whether it changed since it was last written.
+fn digest(bytes: &[u8]) -> [u8; 16] {
+    use sha2::Digest;
+    let full = sha2::Sha256::digest(bytes);
+    let mut out = [0; 16];
+    out.copy_from_slice(&full[..16]);
+    out
 }
 
 /// A total order on JSON values: null < booleans < numbers < strings < arrays < objects;
@@ -737,7 +745,7 @@ mod tests {
                 for _ in 0..1 + rng.below(4) {
                     if rng.chance(2) {
                         let node = rng.below(5) as usize;
-                        core.truncate(&mut t, &mut dirty, node).expect("truncate");
+                        core.truncate(&mut t, &mut dirty, node, None).expect("truncate");
                         tables[node].clear();
                         ops.push(format!("truncate {node}"));
                         continue;

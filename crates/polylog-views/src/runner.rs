@@ -170,9 +170,9 @@ impl View {
         }
         let out_partitions = self.log.describe_topic(&out_topic)?.partitions.len().max(1) as u32;
         let offsets = read_offsets(&db)?;
-        let mut w = Worker::new(self, &offsets, out_topic, out_partitions)?;
+        let mut w = Worker::new(self, offsets, out_topic, out_partitions)?;
         self.set_status(|s| s.state = "running".into());
-        let mut last_lag = Instant::now() - Duration::from_secs(1);
+        let mut last_lag = Instant::now();
         loop {
             let mut wtx = db.begin_write().map_err(store_err)?;
             wtx.set_durability(Durability::Immediate);
@@ -194,6 +194,7 @@ impl View {
                         w.flush_output()?;
                         if last_lag.elapsed() >= Duration::from_secs(1) {
                             w.update_lag()?;
+                            w.attach_feeds()?;
                             last_lag = Instant::now();
                         }
                         std::thread::sleep(Duration::from_millis(2));
@@ -273,10 +274,28 @@ fn split_table_topic(topic: &str) -> Option<(String, String)> {
     Some((prefix.to_string(), format!("{schema}.{table}")))
 }
 
+/// The transaction topic of the CDC source that writes `topic` (`<prefix>.transaction` for
+/// the longest prefix that has one), and the table's name as the topic spells it.
+fn find_feed(topics: &[String], topic: &str) -> Option<(String, String)> {
+    let dots: Vec<usize> = topic.match_indices('.').map(|(i, _)| i).collect();
+    dots.iter().rev().find_map(|&i| {
+        let feed = format!("{}.transaction", &topic[..i]);
+        topics.contains(&feed).then(|| (feed, topic[i + 1..].to_string()))
+    })
+}
+
 #[derive(Default, Serialize, serde::Deserialize)]
 struct Offsets {
+    /// Next offset to read, by `topic/partition`.
     inputs: BTreeMap<String, u64>,
+    /// Highest commit LSN of a transaction's change applied, by `topic/partition`.
+    #[serde(default)]
+    orders: BTreeMap<String, u64>,
+    /// Next offset to read, by transaction topic.
     feeds: BTreeMap<String, u64>,
+    /// Commit LSN up to which transactions are applied, by transaction topic.
+    #[serde(default)]
+    done: BTreeMap<String, u64>,
 }
 
 fn read_offsets(db: &Database) -> Result<Offsets, ViewError> {
@@ -291,6 +310,7 @@ fn read_offsets(db: &Database) -> Result<Offsets, ViewError> {
 struct Input {
     topic: String,
     partition: u32,
+    partitions: u32,
     nodes: Vec<usize>,
     /// The transaction topic (index into the feeds) and this table's name in its END events.
     tx: Option<(usize, String)>,
@@ -298,6 +318,8 @@ struct Input {
     buf: VecDeque<Change>,
     /// Offset after the last applied record.
     applied: u64,
+    /// Highest commit LSN among the transactions' changes applied.
+    last_tx: u64,
     warned: bool,
 }
 
@@ -307,6 +329,8 @@ struct Feed {
     reader: Box<dyn LogReader>,
     buf: VecDeque<polylog_log::StoredRecord>,
     consumed: u64,
+    /// Transactions committed at or below this LSN are applied.
+    done: u64,
 }
 
 /// A transaction being applied.
@@ -332,61 +356,45 @@ struct Worker<'v> {
     out_ends: HashMap<u32, u64>,
     /// Input records applied (moves with every record, for deciding to checkpoint).
     applied: u64,
+    /// Alternates between changes outside transactions and the next transaction, so neither
+    /// starves the other.
+    transaction_first: bool,
+    saved: Offsets,
 }
 
 impl<'v> Worker<'v> {
     fn new(
         view: &'v View,
-        offsets: &Offsets,
+        offsets: Offsets,
         out_topic: String,
         out_partitions: u32,
     ) -> Result<Worker<'v>, ViewError> {
         let log = &view.log;
-        let topics = log.topics()?;
-        let mut feeds: Vec<Feed> = Vec::new();
         let mut inputs = Vec::new();
         for topic in view.spec.topics() {
-            let tx = match split_table_topic(topic) {
-                Some((prefix, table)) if topics.contains(&format!("{prefix}.transaction")) => {
-                    let feed_topic = format!("{prefix}.transaction");
-                    let f = match feeds.iter().position(|f| f.topic == feed_topic) {
-                        Some(f) => f,
-                        None => {
-                            let at = offsets.feeds.get(&feed_topic).copied();
-                            let start = at.map_or(StartAt::Beginning, StartAt::Offset);
-                            feeds.push(Feed {
-                                reader: log.reader(&feed_topic, 0, start)?,
-                                topic: feed_topic,
-                                buf: VecDeque::new(),
-                                consumed: at.unwrap_or(0),
-                            });
-                            feeds.len() - 1
-                        }
-                    };
-                    Some((f, table))
-                }
-                _ => None,
-            };
             let partitions = log.describe_topic(topic)?.partitions.len() as u32;
             for p in 0..partitions {
-                let at = offsets.inputs.get(&format!("{topic}/{p}")).copied();
+                let name = format!("{topic}/{p}");
+                let at = offsets.inputs.get(&name).copied();
                 inputs.push(Input {
                     topic: topic.to_string(),
                     partition: p,
+                    partitions,
                     nodes: view.spec.nodes_of(topic),
-                    tx: tx.clone(),
+                    tx: None,
                     reader: log.reader(topic, p, at.map_or(StartAt::Beginning, StartAt::Offset))?,
                     buf: VecDeque::new(),
                     applied: at.unwrap_or(0),
+                    last_tx: offsets.orders.get(&name).copied().unwrap_or(0),
                     warned: false,
                 });
             }
         }
-        Ok(Worker {
+        let mut w = Worker {
             view,
             core: Core { spec: &view.spec },
             inputs,
-            feeds,
+            feeds: Vec::new(),
             open: None,
             dirty: Dirty::default(),
             out_topic,
@@ -395,7 +403,50 @@ impl<'v> Worker<'v> {
             pending_n: 0,
             out_ends: HashMap::new(),
             applied: 0,
-        })
+            transaction_first: false,
+            saved: offsets,
+        };
+        w.attach_feeds()?;
+        Ok(w)
+    }
+
+    /// Finds the transaction topics of inputs that have none yet (a source may create it a
+    /// moment after its table topics). A transaction topic found late is read from where
+    /// the view's changes already are: older transactions count as applied.
+    fn attach_feeds(&mut self) -> Result<(), ViewError> {
+        if self.inputs.iter().all(|i| i.tx.is_some()) {
+            return Ok(());
+        }
+        let topics = self.view.log.topics()?;
+        for i in 0..self.inputs.len() {
+            if self.inputs[i].tx.is_some() {
+                continue;
+            }
+            let Some((feed_topic, table)) = find_feed(&topics, &self.inputs[i].topic) else {
+                continue;
+            };
+            let f = match self.feeds.iter().position(|f| f.topic == feed_topic) {
+                Some(f) => f,
+                None => {
+                    let at = self.saved.feeds.get(&feed_topic).copied();
+                    let start = at.map_or(StartAt::Beginning, StartAt::Offset);
+                    let done = match self.saved.done.get(&feed_topic) {
+                        Some(&d) => d,
+                        None => self.inputs.iter().map(|i| i.last_tx).max().unwrap_or(0),
+                    };
+                    self.feeds.push(Feed {
+                        reader: self.view.log.reader(&feed_topic, 0, start)?,
+                        topic: feed_topic,
+                        buf: VecDeque::new(),
+                        consumed: at.unwrap_or(0),
+                        done,
+                    });
+                    self.feeds.len() - 1
+                }
+            };
+            self.inputs[i].tx = Some((f, table));
+        }
+        Ok(())
     }
 
     fn head(&mut self, i: usize) -> Result<Option<&Change>, ViewError> {
@@ -414,14 +465,56 @@ impl<'v> Worker<'v> {
         if self.open.is_some() {
             return self.continue_transaction(t);
         }
+        self.transaction_first = !self.transaction_first;
+        let tx_first = self.transaction_first;
+        let moved = if tx_first { self.open_transaction(t)? } else { self.apply_batch(t)? };
+        if moved {
+            return Ok(true);
+        }
+        if tx_first {
+            self.apply_batch(t)
+        } else {
+            self.open_transaction(t)
+        }
+    }
+
+    /// The next END event of a transaction topic (earlier records, BEGIN events, are passed).
+    fn next_end(&mut self, f: usize) -> Result<Option<End>, ViewError> {
+        let feed = &mut self.feeds[f];
+        loop {
+            if feed.buf.is_empty() {
+                feed.buf.extend(feed.reader.poll(READ_BATCH, Duration::ZERO)?);
+            }
+            let Some(r) = feed.buf.front() else { return Ok(None) };
+            if let Some(end) = parse_end(r) {
+                return Ok(Some(end));
+            }
+            feed.consumed = r.offset + 1;
+            feed.buf.pop_front();
+        }
+    }
+
+    /// Applies the changes at the inputs' heads that belong to no pending transaction.
+    fn apply_batch(&mut self, t: &mut StateTable<'_>) -> Result<bool, ViewError> {
+        let mut next_end = Vec::with_capacity(self.feeds.len());
+        for f in 0..self.feeds.len() {
+            next_end.push(self.next_end(f)?.map(|(commit, _)| commit));
+        }
         let mut n = 0;
         let mut version = 0;
         for i in 0..self.inputs.len() {
+            let feed = self.inputs[i].tx.as_ref().map(|(f, _)| *f);
             while n < BATCH_CHANGES {
-                let has_tx = self.inputs[i].tx.is_some();
-                match self.head(i)? {
-                    Some(c) if !has_tx || c.commit.is_none() => {}
-                    _ => break,
+                let Some(c) = self.head(i)? else { break };
+                let ready = match (feed, c.commit) {
+                    (None, _) => true,
+                    // A snapshot read: before the transaction that follows its position.
+                    (Some(f), None) => c.order == 0 || next_end[f].is_none_or(|e| e >= c.order),
+                    // A straggler of a transaction already applied.
+                    (Some(f), Some(commit)) => commit <= self.feeds[f].done,
+                };
+                if !ready {
+                    break;
                 }
                 let c = self.inputs[i].buf.pop_front().ok_or_else(|| store_err("empty input"))?;
                 version = version.max(c.lsn);
@@ -431,32 +524,26 @@ impl<'v> Worker<'v> {
         }
         if n > 0 {
             self.finish(t, version)?;
-            return Ok(true);
         }
+        Ok(n > 0)
+    }
+
+    fn open_transaction(&mut self, t: &mut StateTable<'_>) -> Result<bool, ViewError> {
         for f in 0..self.feeds.len() {
-            loop {
-                let feed = &mut self.feeds[f];
-                if feed.buf.is_empty() {
-                    feed.buf.extend(feed.reader.poll(READ_BATCH, Duration::ZERO)?);
-                }
-                let Some(r) = feed.buf.front() else { break };
-                match parse_end(r) {
-                    Some((commit, counts)) => {
-                        self.open = Some(Open {
-                            feed: f,
-                            commit,
-                            counts,
-                            seen: BTreeMap::new(),
-                            since: Instant::now(),
-                        });
-                        self.continue_transaction(t)?;
-                        return Ok(true);
-                    }
-                    None => {
-                        feed.consumed = r.offset + 1;
-                        feed.buf.pop_front();
-                    }
-                }
+            if let Some((commit, counts)) = self.next_end(f)? {
+                let counts = counts
+                    .into_iter()
+                    .map(|(k, v)| (polylog_postgres::source::topic_safe(&k), v))
+                    .collect();
+                self.open = Some(Open {
+                    feed: f,
+                    commit,
+                    counts,
+                    seen: BTreeMap::new(),
+                    since: Instant::now(),
+                });
+                self.continue_transaction(t)?;
+                return Ok(true);
             }
         }
         Ok(false)
@@ -494,16 +581,18 @@ impl<'v> Worker<'v> {
             }
         }
         let Some(open) = self.open.as_ref() else { return Ok(progressed) };
-        let complete = open.counts.iter().all(|(table, &n)| {
-            let ours: Vec<usize> = (0..self.inputs.len())
-                .filter(|&i| {
-                    self.inputs[i].tx.as_ref().is_some_and(|(f, t)| *f == feed && t == table)
-                })
-                .collect();
-            ours.is_empty()
-                || open.seen.get(table).copied().unwrap_or(0) >= n
-                || ours.iter().all(|&i| beyond[i])
-        });
+        let already = commit <= self.feeds[feed].done;
+        let complete = already
+            || open.counts.iter().all(|(table, &n)| {
+                let ours: Vec<usize> = (0..self.inputs.len())
+                    .filter(|&i| {
+                        self.inputs[i].tx.as_ref().is_some_and(|(f, t)| *f == feed && t == table)
+                    })
+                    .collect();
+                ours.is_empty()
+                    || open.seen.get(table).copied().unwrap_or(0) >= n
+                    || ours.iter().all(|&i| beyond[i])
+            });
         if !complete && open.since.elapsed() < self.view.opts.transaction_wait {
             return Ok(progressed);
         }
@@ -518,14 +607,20 @@ impl<'v> Worker<'v> {
         if let Some(r) = f.buf.pop_front() {
             f.consumed = r.offset + 1;
         }
+        f.done = f.done.max(commit);
         self.open = None;
-        self.view.set_status(|s| s.transactions += 1);
+        if !already {
+            self.view.set_status(|s| s.transactions += 1);
+        }
         Ok(true)
     }
 
     fn apply(&mut self, t: &mut StateTable<'_>, i: usize, c: Change) -> Result<(), ViewError> {
         let input = &mut self.inputs[i];
         input.applied = c.offset + 1;
+        if let Some(commit) = c.commit {
+            input.last_tx = input.last_tx.max(commit);
+        }
         self.applied += 1;
         if let Op::Skip(why) = &c.op {
             if !input.warned {
@@ -542,7 +637,10 @@ impl<'v> Worker<'v> {
             match &c.op {
                 Op::Set(row) => self.core.apply(t, &mut self.dirty, node, &c.key, Some(row))?,
                 Op::Delete => self.core.apply(t, &mut self.dirty, node, &c.key, None)?,
-                Op::Truncate => self.core.truncate(t, &mut self.dirty, node)?,
+                Op::Truncate => {
+                    let partition = Some((input.partition, input.partitions));
+                    self.core.truncate(t, &mut self.dirty, node, partition)?
+                }
                 Op::Skip(_) => {}
             }
         }
@@ -605,13 +703,12 @@ impl<'v> Worker<'v> {
     }
 
     fn save_offsets(&self, t: &mut StateTable<'_>) -> Result<(), ViewError> {
+        let name = |i: &Input| format!("{}/{}", i.topic, i.partition);
         let offsets = Offsets {
-            inputs: self
-                .inputs
-                .iter()
-                .map(|i| (format!("{}/{}", i.topic, i.partition), i.applied))
-                .collect(),
+            inputs: self.inputs.iter().map(|i| (name(i), i.applied)).collect(),
+            orders: self.inputs.iter().map(|i| (name(i), i.last_tx)).collect(),
             feeds: self.feeds.iter().map(|f| (f.topic.clone(), f.consumed)).collect(),
+            done: self.feeds.iter().map(|f| (f.topic.clone(), f.done)).collect(),
         };
         let bytes = serde_json::to_vec(&offsets).map_err(store_err)?;
         t.insert(&b"Moffsets"[..], bytes.as_slice()).map_err(store_err)?;
@@ -630,7 +727,9 @@ impl<'v> Worker<'v> {
 }
 
 /// A transaction topic's END event: the commit LSN and the number of changes per table.
-fn parse_end(r: &polylog_log::StoredRecord) -> Option<(u64, BTreeMap<String, u64>)> {
+type End = (u64, BTreeMap<String, u64>);
+
+fn parse_end(r: &polylog_log::StoredRecord) -> Option<End> {
     let v: Value = serde_json::from_slice(r.value.as_deref()?).ok()?;
     if v["status"] != "END" {
         return None;

@@ -164,6 +164,7 @@ pub fn wait_for(
 pub fn fold(events: &[Event]) -> std::collections::BTreeMap<String, Value> {
     let mut by_partition: Vec<&Event> = events.iter().collect();
     by_partition.sort_by_key(|e| (e.partition, e.offset));
+    // key → (partition, row): a TRUNCATE is written to every partition and empties its own.
     let mut state = std::collections::BTreeMap::new();
     for e in by_partition {
         if e.value.is_null() {
@@ -172,14 +173,14 @@ pub fn fold(events: &[Event]) -> std::collections::BTreeMap<String, Value> {
         let key = e.key.to_string();
         match e.value["op"].as_str() {
             Some("c" | "u" | "r") => {
-                state.insert(key, e.value["after"].clone());
+                state.insert(key, (e.partition, e.value["after"].clone()));
             }
             Some("d") => {
                 state.remove(&key);
             }
-            Some("t") => state.clear(),
+            Some("t") => state.retain(|_, (p, _)| *p != e.partition),
             _ => {}
         }
     }
-    state
+    state.into_iter().map(|(k, (_, v))| (k, v)).collect()
 }

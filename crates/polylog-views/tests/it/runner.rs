@@ -207,3 +207,45 @@ fn bad_views_are_rejected_naming_the_view_and_the_field() {
         "{err}"
     );
 }
+
+#[test]
+fn a_transaction_topic_found_late_does_not_replay_old_transactions() {
+    let dir = TempDir::new("views-late-feed");
+    let log = open_log(dir.path());
+    // The transaction topic is not there when the view starts (say, a source still creating
+    // its topics): the view applies changes as they come.
+    let mut src = FakeSource::without_transaction_topic(log.clone(), "app", TABLES, 2);
+    let row = |i: u64, title: &str| {
+        vec![(
+            "public.videos",
+            json!({"id": i}),
+            Some(json!({"id": i, "title": title, "publisher_id": 1})),
+        )]
+    };
+    let mut ends = Vec::new();
+    for i in 0..20 {
+        let (records, end) = src.transaction(&row(i, &format!("t{i}")));
+        for ((topic, p), batch) in records {
+            log.append(&topic, p, &batch).expect("append");
+        }
+        ends.push(end);
+    }
+    let cfg = view_config(VIDEOS);
+    let view = RunningView::start("videos", &cfg, log.clone(), dir.path());
+    view.wait_caught_up();
+    view.stop().expect("clean stop");
+    assert_eq!(documents(&*log, "views.videos").1, 20);
+    // Now the transaction topic appears, holding the old ENDs, and one new transaction.
+    log.create_topic("app.transaction", &polylog_log::TopicConfig::new(1)).expect("topic");
+    log.append("app.transaction", 0, &ends).expect("old ENDs");
+    src.commit(&row(1, "new"));
+    let started = std::time::Instant::now();
+    let view = RunningView::start("videos", &cfg, log.clone(), dir.path());
+    eventually(20, "the new transaction", || {
+        let (docs, _) = documents(&*log, "views.videos");
+        (docs["{\"id\":1}"]["title"] == "new").then_some(())
+    });
+    assert!(started.elapsed() < Duration::from_secs(15), "old transactions were waited for");
+    view.stop().expect("clean stop");
+    assert_eq!(documents(&*log, "views.videos").1, 21, "nothing re-emitted");
+}

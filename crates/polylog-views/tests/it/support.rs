@@ -113,10 +113,20 @@ pub type RowChange = (&'static str, Value, Option<Value>);
 
 impl FakeSource {
     pub fn new(log: Arc<dyn Log>, prefix: &str, tables: &[&str], partitions: u32) -> FakeSource {
+        let _ = log.create_topic(&format!("{prefix}.transaction"), &TopicConfig::new(1));
+        FakeSource::without_transaction_topic(log, prefix, tables, partitions)
+    }
+
+    /// The table topics only (`commit` fails until `<prefix>.transaction` exists).
+    pub fn without_transaction_topic(
+        log: Arc<dyn Log>,
+        prefix: &str,
+        tables: &[&str],
+        partitions: u32,
+    ) -> FakeSource {
         for t in tables {
             let _ = log.create_topic(&format!("{prefix}.{t}"), &TopicConfig::new(partitions));
         }
-        let _ = log.create_topic(&format!("{prefix}.transaction"), &TopicConfig::new(1));
         FakeSource { log, prefix: prefix.to_string(), partitions, lsn: 1000 }
     }
 
