@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use polylog_log::FsyncPolicy;
 pub use polylog_postgres::PostgresSourceConfig;
+use polylog_sinks::SinkConfig;
 use polylog_views::ViewConfig;
 use serde::Deserialize;
 
@@ -142,42 +143,6 @@ pub enum SourceConfig {
     Postgres(PostgresSourceConfig),
 }
 
-/// `[sinks.<name>]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// Replicates tables into another Postgres, or stores documents as JSONB.
-    Postgres(PostgresSinkConfig),
-    /// The embedded full-text index, served by the API.
-    Search(SearchSinkConfig),
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSinkConfig {
-    pub url: String,
-    /// Topics to apply, as patterns.
-    pub topics: Vec<String>,
-    /// `table` (one table per source table) or `document` (a view into a JSONB table).
-    #[serde(default)]
-    pub mode: PostgresSinkMode,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PostgresSinkMode {
-    #[default]
-    Table,
-    Document,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SearchSinkConfig {
-    /// The view topic to index.
-    pub topic: String,
-}
-
 /// `[collector]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -284,13 +249,11 @@ impl Config {
             polylog_views::ViewSpec::new(name, v)?;
         }
         for (name, s) in &self.sinks {
-            match s {
-                SinkConfig::Postgres(p) if p.topics.is_empty() => {
-                    bail!("`sinks.{name}.topics`: list at least one topic pattern")
-                }
-                SinkConfig::Search(s) => polylog_log::validate_topic_name(&s.topic)
-                    .with_context(|| format!("`sinks.{name}.topic`"))?,
-                SinkConfig::Postgres(_) => {}
+            s.validate()
+                .map_err(|e| anyhow::anyhow!("`sinks.{name}.{}", e.trim_start_matches('`')))?;
+            if let SinkConfig::Search(s) = s {
+                polylog_log::validate_topic_name(&s.topic)
+                    .with_context(|| format!("`sinks.{name}.topic`"))?;
             }
         }
         for (name, r) in &self.rollups {

@@ -38,10 +38,13 @@ enum Command {
     /// A guided demo on this machine: writes a stream of change events into the embedded log,
     /// compacts it and reads it back.
     Quickstart(quickstart::QuickstartArgs),
-    /// Run every configured source until Ctrl-C.
+    /// Run every configured source, view and sink until Ctrl-C.
     Run,
-    /// Show each source's state, position and replication slot lag.
-    Status,
+    /// Show each source's, view's and sink's state and lag.
+    Status(run::StatusArgs),
+    /// Rebuild a sink's store from the log: its offsets go back, then it runs until it has
+    /// written everything (stop `polylog run` first: one process writes a data directory).
+    Replay(run::ReplayArgs),
     /// Work with the config file.
     Config {
         #[command(subcommand)]
@@ -90,7 +93,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quickstart(args) => quickstart::run(&args, data_dir.clone()),
         Command::Topics { command } => topics::run(&load()?, command),
         Command::Run => run::run(&load()?),
-        Command::Status => run::status(&load()?),
+        Command::Status(args) => run::status(&load()?, &args),
+        Command::Replay(args) => run::replay(&load()?, &args),
         Command::Config { command: ConfigCommand::Check } => {
             let config = load()?;
             println!(

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use polylog_log::Log;
 use polylog_postgres::wire::{ConnectParams, Connection};
 use polylog_postgres::{PostgresSource, SourceOptions, SourceStatus};
+use polylog_sinks::{Sink, SinkStatus, StartFrom};
 use polylog_views::{View, ViewError, ViewOptions, ViewStatus};
 
 use crate::config::{Config, SourceConfig};
@@ -42,6 +43,14 @@ fn sources(
     Ok(out)
 }
 
+fn sinks(config: &Config, log: Arc<dyn Log>) -> anyhow::Result<Vec<(String, Sink)>> {
+    let mut out = Vec::new();
+    for (name, s) in &config.sinks {
+        out.push((name.clone(), Sink::new(name, s.clone(), Arc::clone(&log))?));
+    }
+    Ok(out)
+}
+
 fn views(config: &Config, log: Arc<dyn Log>) -> anyhow::Result<Vec<(String, View)>> {
     let mut out = Vec::new();
     for (name, v) in &config.views {
@@ -51,16 +60,15 @@ fn views(config: &Config, log: Arc<dyn Log>) -> anyhow::Result<Vec<(String, View
     Ok(out)
 }
 
-/// Runs every configured source, then every view, until Ctrl-C / SIGTERM or a fatal error.
+/// Runs every configured source, then every view and sink, until Ctrl-C / SIGTERM or a fatal
+/// error.
 pub fn run(config: &Config) -> anyhow::Result<()> {
-    if config.sources.is_empty() && config.views.is_empty() {
-        bail!("nothing to run: the config has no [sources.*] or [views.*] table");
+    if config.sources.is_empty() && config.views.is_empty() && config.sinks.is_empty() {
+        bail!("nothing to run: the config has no [sources.*], [views.*] or [sinks.*] table");
     }
-    for (what, n) in [
-        ("sinks", config.sinks.len()),
-        ("rollups", config.rollups.len()),
-        ("collector", usize::from(config.collector.is_some())),
-    ] {
+    for (what, n) in
+        [("rollups", config.rollups.len()), ("collector", usize::from(config.collector.is_some()))]
+    {
         if n > 0 {
             eprintln!("polylog: warning: {what} are not built in this version yet; ignoring them");
         }
@@ -76,6 +84,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     let statuses: Vec<(String, Arc<Mutex<SourceStatus>>)> =
         srcs.iter().map(|(n, s)| (n.clone(), Arc::clone(&s.status))).collect();
     let views = views(config, Arc::clone(&log))?;
+    let sinks = sinks(config, Arc::clone(&log))?;
     let failed = Mutex::new(Vec::new());
     let fail = |what: String| {
         eprintln!("polylog: {what}");
@@ -120,12 +129,21 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
                 }
             });
         }
+        for (name, sink) in &sinks {
+            let (stop, fail) = (&stop, &fail);
+            scope.spawn(move || {
+                eprintln!("polylog: sink {name}: writing {}", sink.cfg.topics().join(", "));
+                if let Err(e) = sink.run(stop, false) {
+                    fail(format!("sink {name} stopped: {e}"));
+                }
+            });
+        }
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
-                write_status(config, &statuses, &views);
+                write_status(config, &statuses, &views, &sinks);
                 std::thread::sleep(STATUS_INTERVAL);
             }
-            write_status(config, &statuses, &views);
+            write_status(config, &statuses, &views, &sinks);
         });
     });
     let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -140,6 +158,7 @@ fn write_status(
     config: &Config,
     statuses: &[(String, Arc<Mutex<SourceStatus>>)],
     views: &[(String, View)],
+    sinks: &[(String, Sink)],
 ) {
     let map: BTreeMap<&str, SourceStatus> = statuses
         .iter()
@@ -149,12 +168,17 @@ fn write_status(
         .iter()
         .map(|(n, v)| (n.as_str(), v.status.lock().unwrap_or_else(|e| e.into_inner()).clone()))
         .collect();
+    let sink_map: BTreeMap<&str, SinkStatus> = sinks
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.status.lock().unwrap_or_else(|e| e.into_inner()).clone()))
+        .collect();
     let path = status_path(config);
     let tmp = path.with_extension("json.tmp");
     let body = serde_json::json!({
         "updated_ms": polylog_log::now_ms(),
         "sources": map,
         "views": view_map,
+        "sinks": sink_map,
     });
     let _ = std::fs::create_dir_all(path.parent().unwrap_or(&config.data_dir))
         .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(&body).unwrap_or_default()))
@@ -163,9 +187,24 @@ fn write_status(
 
 /// Prints each source's state (as the running process last reported it) and its slot's lag,
 /// read from Postgres, then each view's state and lag.
-pub fn status(config: &Config) -> anyhow::Result<()> {
-    if config.sources.is_empty() && config.views.is_empty() {
-        println!("no sources or views configured");
+/// `polylog status` options.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Wait until this sink has written every change the sources had captured up to now
+    /// (every source's current Postgres LSN), then exit 0: the signal for a cutover.
+    #[arg(long, value_name = "SINK")]
+    wait_caught_up: Option<String>,
+    /// Give up waiting after this many seconds (exit 1).
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    timeout: u64,
+}
+
+pub fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
+    if let Some(sink) = &args.wait_caught_up {
+        return wait_caught_up(config, sink, Duration::from_secs(args.timeout));
+    }
+    if config.sources.is_empty() && config.views.is_empty() && config.sinks.is_empty() {
+        println!("no sources, views or sinks configured");
         return Ok(());
     }
     let reported: serde_json::Value = std::fs::read(status_path(config))
@@ -221,12 +260,66 @@ pub fn status(config: &Config) -> anyhow::Result<()> {
     if !config.sources.is_empty() {
         print_table(&mut std::io::stdout().lock(), &rows)?;
     }
-    if config.views.is_empty() {
-        return Ok(());
+    if !config.views.is_empty() {
+        if !config.sources.is_empty() {
+            println!();
+        }
+        print_views(config, &reported, running)?;
     }
-    if !config.sources.is_empty() {
-        println!();
+    if !config.sinks.is_empty() {
+        if !config.sources.is_empty() || !config.views.is_empty() {
+            println!();
+        }
+        print_sinks(config, &reported, running)?;
     }
+    Ok(())
+}
+
+fn print_sinks(config: &Config, reported: &serde_json::Value, running: bool) -> anyhow::Result<()> {
+    // Without a running process, the lag comes from the log: the sink's committed offsets.
+    let log: Option<Arc<dyn Log>> = if running {
+        None
+    } else {
+        crate::open_log_read_only(config).ok().map(|l| Arc::new(l) as Arc<dyn Log>)
+    };
+    let mut rows =
+        vec![["SINK", "KIND", "STATE", "LAG", "RECORDS", "LAST ERROR"].map(String::from).to_vec()];
+    for (name, cfg) in &config.sinks {
+        let r = &reported["sinks"][name];
+        let kind = match cfg {
+            polylog_sinks::SinkConfig::Postgres(p) => {
+                format!("postgres ({:?})", p.mode).to_lowercase()
+            }
+            polylog_sinks::SinkConfig::Search(_) => "search".into(),
+            polylog_sinks::SinkConfig::File(_) => "file".into(),
+        };
+        let (state, lag) = if running {
+            (
+                r["state"].as_str().unwrap_or("?").to_string(),
+                r["lag"].as_u64().map_or("-".into(), |l| format!("{l} records")),
+            )
+        } else {
+            let lag = log
+                .as_ref()
+                .and_then(|log| Sink::new(name, cfg.clone(), Arc::clone(log)).ok())
+                .and_then(|s| s.lag().ok())
+                .map_or("-".into(), |(l, _)| format!("{l} records"));
+            ("not running".into(), lag)
+        };
+        rows.push(vec![
+            name.clone(),
+            kind,
+            state,
+            lag,
+            r["records"].as_u64().map_or("-".into(), |n| n.to_string()),
+            r["last_error"].as_str().unwrap_or("").to_string(),
+        ]);
+    }
+    print_table(&mut std::io::stdout().lock(), &rows)?;
+    Ok(())
+}
+
+fn print_views(config: &Config, reported: &serde_json::Value, running: bool) -> anyhow::Result<()> {
     let mut rows = vec![["VIEW", "STATE", "LAG", "CHANGES", "DOCUMENTS", "VERSION", "LAST ERROR"]
         .map(String::from)
         .to_vec()];
@@ -265,4 +358,151 @@ fn slot_lag(url: &str, slot: &str) -> anyhow::Result<Option<(String, u64)>> {
         let f = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
         (f(0), f(1).parse().unwrap_or(0))
     }))
+}
+
+/// `polylog replay` options.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The sink to rebuild.
+    #[arg(long)]
+    sink: String,
+    /// From the beginning of its topics (the default).
+    #[arg(long, conflicts_with = "from_time")]
+    from_beginning: bool,
+    /// From the first record at or after this time: milliseconds since the epoch, or
+    /// `YYYY-MM-DDTHH:MM:SSZ`.
+    #[arg(long, value_name = "TIME")]
+    from_time: Option<String>,
+}
+
+/// Parses milliseconds since the epoch or a UTC time `YYYY-MM-DDTHH:MM:SS[.fff]Z`.
+fn parse_time(s: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    let bad = || {
+        anyhow::anyhow!("--from-time {s:?}: give milliseconds since the epoch or a UTC time like 2026-11-26T10:00:00Z")
+    };
+    let t = s.strip_suffix('Z').ok_or_else(bad)?;
+    let (date, time) = t.split_once('T').ok_or_else(bad)?;
+    let d: Vec<i64> =
+        date.split('-').map(|p| p.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let h: Vec<i64> =
+        hms.split(':').map(|p| p.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+    if d.len() != 3 || h.len() != 3 {
+        return Err(bad());
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m, day) = (if d[1] <= 2 { d[0] - 1 } else { d[0] }, d[1], d[2]);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms: i64 = format!("{frac:0<3}")[..3].parse().map_err(|_| bad())?;
+    Ok(((days * 24 + h[0]) * 60 + h[1]) * 60_000 + h[2] * 1000 + ms)
+}
+
+/// Rebuilds a sink's store: its offsets go back to `--from-*`, then it writes until it has
+/// written everything the log holds, with a progress line.
+pub fn replay(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
+    let Some(cfg) = config.sinks.get(&args.sink) else {
+        let names: Vec<&String> = config.sinks.keys().collect();
+        bail!("no sink {:?} in the config (sinks: {names:?})", args.sink);
+    };
+    let from = match &args.from_time {
+        Some(t) => StartFrom::Time(parse_time(t)?),
+        None => StartFrom::Beginning,
+    };
+    let log: Arc<dyn Log> = Arc::new(crate::open_log(config)?);
+    let sink = Sink::new(&args.sink, cfg.clone(), Arc::clone(&log))?;
+    sink.reset(from)?;
+    let (total, _) = sink.lag()?;
+    eprintln!("polylog: replaying {total} records into sink {}", args.sink);
+    let stop = AtomicBool::new(false);
+    let progress = std::io::stderr().is_terminal();
+    let result = std::thread::scope(|scope| {
+        let runner = scope.spawn(|| sink.run(&stop, true));
+        while !runner.is_finished() {
+            std::thread::sleep(Duration::from_millis(250));
+            if progress {
+                let done = sink.status.lock().unwrap_or_else(|e| e.into_inner()).records;
+                let pct = if total > 0 { 100.0 * done as f64 / total as f64 } else { 100.0 };
+                eprint!("\r  {done}/{total} records ({pct:.0}%)   ");
+            }
+        }
+        runner
+            .join()
+            .unwrap_or_else(|_| Err(polylog_sinks::SinkError::Target("the sink panicked".into())))
+    });
+    if progress {
+        eprintln!();
+    }
+    result?;
+    let written = sink.status.lock().unwrap_or_else(|e| e.into_inner()).records;
+    println!(
+        "replayed {written} records into sink {}; its lag is {} records",
+        args.sink,
+        sink.lag()?.0
+    );
+    Ok(())
+}
+
+/// Waits until `sink` has written every change captured up to each source's current LSN.
+fn wait_caught_up(config: &Config, sink: &str, timeout: Duration) -> anyhow::Result<()> {
+    if !config.sinks.contains_key(sink) {
+        bail!("no sink {sink:?} in the config");
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    // Where each source's database is now: the sink must get past it.
+    let mut targets = BTreeMap::new();
+    for (name, s) in &config.sources {
+        let SourceConfig::Postgres(pg) = s;
+        let mut conn = Connection::connect(&ConnectParams::parse(&pg.url)?, false)?;
+        let rows = conn.query("SELECT pg_current_wal_lsn()::text")?;
+        let lsn = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|l| polylog_postgres::pgoutput::parse_lsn(&l))
+            .unwrap_or(0);
+        targets.insert(name.clone(), lsn);
+    }
+    let mut sources_there_at: Option<i64> = None;
+    loop {
+        let reported: serde_json::Value = std::fs::read(status_path(config))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let updated = reported["updated_ms"].as_i64().unwrap_or(0);
+        let running = polylog_log::now_ms() - updated < 5_000;
+        if !running {
+            bail!("polylog run is not running (its status is older than 5 s)");
+        }
+        let sources_there = targets.iter().all(|(name, &target)| {
+            reported["sources"][name]["flushed_lsn"]
+                .as_str()
+                .and_then(polylog_postgres::pgoutput::parse_lsn)
+                .is_some_and(|l| l >= target)
+        });
+        if sources_there && sources_there_at.is_none() {
+            sources_there_at = Some(updated);
+        }
+        let s = &reported["sinks"][sink];
+        if let Some(at) = sources_there_at {
+            // A lag measured after the sources got there covers everything up to the targets.
+            if updated > at + 2_500 && s["lag"].as_u64() == Some(0) {
+                println!("sink {sink} is caught up");
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "sink {sink} did not catch up within {timeout:?} (state {}, lag {} records)",
+                s["state"].as_str().unwrap_or("?"),
+                s["lag"].as_u64().map_or("?".into(), |l| l.to_string())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use polylog_log::{partition_for_key, Log, LogReader, Record, StartAt, StoredRecord, TopicConfig};
+use polylog_log::{partition_for_key, Log, LogReader, Record, StartAt, TopicConfig};
 
 use crate::config::Config;
 
@@ -187,26 +187,7 @@ fn create(config: &Config, a: &CreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One tail output line, as DESIGN 3.7 specifies: key and value are embedded as JSON when they
-/// are JSON, else as strings; a tombstone's value is null.
-pub fn record_json(topic: &str, r: &StoredRecord) -> serde_json::Value {
-    fn field(b: Option<&[u8]>) -> serde_json::Value {
-        match b {
-            None => serde_json::Value::Null,
-            Some(b) => serde_json::from_slice(b).unwrap_or_else(|_| {
-                serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
-            }),
-        }
-    }
-    serde_json::json!({
-        "topic": topic,
-        "partition": r.partition,
-        "offset": r.offset,
-        "timestamp": r.timestamp_ms,
-        "key": field(r.key.as_deref()),
-        "value": field(r.value.as_deref()),
-    })
-}
+pub use polylog_sinks::file::record_json;
 
 fn tail(config: &Config, a: &TailArgs) -> anyhow::Result<()> {
     let log = crate::open_log_read_only(config)?;

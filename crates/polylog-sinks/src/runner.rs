@@ -1,0 +1,292 @@
+//! Running a sink: its topics (patterns, re-resolved as topics appear), read from the
+//! consumer group `sink.<name>`, written in batches, offsets committed after each write.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use polylog_log::{Log, LogReader, StartAt};
+use polylog_postgres::config::glob_match;
+use serde::{Deserialize, Serialize};
+
+use crate::config::SinkConfig;
+use crate::{Item, SinkError, Writer};
+
+/// Topics are looked up again this often, so a sink picks up topics created after it started.
+const TOPICS_REFRESH: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What `polylog status` shows for a sink.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SinkStatus {
+    /// `starting`, `running`, `retrying`, `stopped` or `failed`.
+    pub state: String,
+    /// Records in its topics not yet written.
+    pub lag: u64,
+    pub records: u64,
+    pub batches: u64,
+    pub topics: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy)]
+pub enum StartFrom {
+    Beginning,
+    /// The first record at or after this time (ms since the epoch).
+    Time(i64),
+}
+
+pub struct Sink {
+    pub name: String,
+    pub cfg: SinkConfig,
+    log: Arc<dyn Log>,
+    pub status: Mutex<SinkStatus>,
+}
+
+struct Input {
+    topic: String,
+    partition: u32,
+    reader: Box<dyn LogReader>,
+}
+
+impl Sink {
+    pub fn new(name: &str, cfg: SinkConfig, log: Arc<dyn Log>) -> Result<Sink, SinkError> {
+        cfg.validate().map_err(|e| {
+            SinkError::Config(format!("`sinks.{name}.{}", e.trim_start_matches('`')))
+        })?;
+        if let SinkConfig::Search(_) = cfg {
+            return Err(SinkError::Config(format!(
+                "`sinks.{name}`: the search sink is not built yet"
+            )));
+        }
+        let status = SinkStatus { state: "starting".into(), ..SinkStatus::default() };
+        Ok(Sink { name: name.to_string(), cfg, log, status: Mutex::new(status) })
+    }
+
+    /// The consumer group holding the sink's offsets.
+    pub fn group(&self) -> String {
+        format!("sink.{}", self.name)
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut SinkStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn writer(&self) -> Result<Box<dyn Writer>, SinkError> {
+        Ok(match &self.cfg {
+            SinkConfig::Postgres(p) => {
+                Box::new(crate::postgres::PostgresWriter::new(p.clone(), Arc::clone(&self.log)))
+            }
+            SinkConfig::File(f) => Box::new(crate::file::FileWriter::new(f.clone())),
+            SinkConfig::Search(_) => {
+                return Err(SinkError::Config("the search sink is not built yet".into()))
+            }
+        })
+    }
+
+    fn batch_rows(&self) -> usize {
+        match &self.cfg {
+            SinkConfig::Postgres(p) => p.batch_rows,
+            _ => 5_000,
+        }
+    }
+
+    /// The topics the sink's patterns match now.
+    pub fn topics(&self) -> Result<Vec<String>, SinkError> {
+        let patterns = self.cfg.topics();
+        Ok(self
+            .log
+            .topics()?
+            .into_iter()
+            .filter(|t| patterns.iter().any(|p| glob_match(p, t)))
+            .collect())
+    }
+
+    /// Moves the sink's offsets back (or forward) to `from`, for a replay.
+    pub fn reset(&self, from: StartFrom) -> Result<(), SinkError> {
+        let mut offsets = Vec::new();
+        for topic in self.topics()? {
+            let d = self.log.describe_topic(&topic)?;
+            for p in &d.partitions {
+                let at = match from {
+                    StartFrom::Beginning => p.start_offset,
+                    StartFrom::Time(ms) => {
+                        self.log.reader(&topic, p.partition, StartAt::Timestamp(ms))?.position()
+                    }
+                };
+                offsets.push((topic.clone(), p.partition, at));
+            }
+        }
+        self.log.commit_offsets(&self.group(), &offsets)?;
+        Ok(())
+    }
+
+    /// Records not yet written, and records in the sink's topics.
+    pub fn lag(&self) -> Result<(u64, u64), SinkError> {
+        let (mut lag, mut total) = (0, 0);
+        for topic in self.topics()? {
+            let committed = self.log.committed_offsets(&self.group(), &topic)?;
+            for p in self.log.describe_topic(&topic)?.partitions {
+                let at = committed
+                    .get(&p.partition)
+                    .copied()
+                    .unwrap_or(p.start_offset)
+                    .max(p.start_offset);
+                lag += p.durable_offset.saturating_sub(at);
+                total += p.durable_offset.saturating_sub(p.start_offset);
+            }
+        }
+        Ok((lag, total))
+    }
+
+    /// Runs until `stop` is set or a fatal error; with `until_caught_up`, returns once every
+    /// record durable at the start is written.
+    pub fn run(&self, stop: &AtomicBool, until_caught_up: bool) -> Result<(), SinkError> {
+        let r = self.run_inner(stop, until_caught_up);
+        self.set_status(|s| match &r {
+            Ok(()) => s.state = "stopped".into(),
+            Err(e) => {
+                s.state = "failed".into();
+                s.last_error = Some(e.to_string());
+            }
+        });
+        r
+    }
+
+    fn run_inner(&self, stop: &AtomicBool, until_caught_up: bool) -> Result<(), SinkError> {
+        let mut writer = self.writer()?;
+        let mut inputs: Vec<Input> = Vec::new();
+        let mut targets: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        let mut refreshed: Option<Instant> = None;
+        let mut lag_at = Instant::now();
+        self.set_status(|s| s.state = "running".into());
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if refreshed.is_none_or(|r| r.elapsed() >= TOPICS_REFRESH) {
+                self.open_new_inputs(
+                    &mut inputs,
+                    &mut targets,
+                    until_caught_up && refreshed.is_none(),
+                )?;
+                refreshed = Some(Instant::now());
+            }
+            let mut batch: Vec<Item> = Vec::new();
+            for input in &mut inputs {
+                let room = self.batch_rows().saturating_sub(batch.len());
+                if room == 0 {
+                    break;
+                }
+                for record in input.reader.poll(room, Duration::ZERO)? {
+                    batch.push(Item { topic: input.topic.clone(), record });
+                }
+            }
+            if batch.is_empty() {
+                if until_caught_up
+                    && inputs.iter().all(|i| {
+                        targets
+                            .get(&(i.topic.clone(), i.partition))
+                            .is_none_or(|&t| i.reader.position() >= t)
+                    })
+                {
+                    return Ok(());
+                }
+                if lag_at.elapsed() >= Duration::from_secs(1) {
+                    let (lag, _) = self.lag()?;
+                    self.set_status(|s| s.lag = lag);
+                    lag_at = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            if !self.write_with_retry(&mut *writer, &batch, stop)? {
+                return Ok(()); // stopped while the target was failing: nothing committed
+            }
+            let mut ends: BTreeMap<(String, u32), u64> = BTreeMap::new();
+            for item in &batch {
+                ends.insert((item.topic.clone(), item.record.partition), item.record.offset + 1);
+            }
+            let offsets: Vec<(String, u32, u64)> =
+                ends.into_iter().map(|((t, p), o)| (t, p, o)).collect();
+            self.log.commit_offsets(&self.group(), &offsets)?;
+            let n = batch.len() as u64;
+            self.set_status(|s| {
+                s.records += n;
+                s.batches += 1;
+                s.state = "running".into();
+            });
+            if lag_at.elapsed() >= Duration::from_secs(1) {
+                let (lag, _) = self.lag()?;
+                self.set_status(|s| s.lag = lag);
+                lag_at = Instant::now();
+            }
+        }
+    }
+
+    fn open_new_inputs(
+        &self,
+        inputs: &mut Vec<Input>,
+        targets: &mut BTreeMap<(String, u32), u64>,
+        record_targets: bool,
+    ) -> Result<(), SinkError> {
+        let topics = self.topics()?;
+        self.set_status(|s| s.topics = topics.clone());
+        for topic in topics {
+            let committed = self.log.committed_offsets(&self.group(), &topic)?;
+            let d = self.log.describe_topic(&topic)?;
+            for p in &d.partitions {
+                if inputs.iter().any(|i| i.topic == topic && i.partition == p.partition) {
+                    continue;
+                }
+                let start = match committed.get(&p.partition) {
+                    Some(&o) if o > p.start_offset => StartAt::Offset(o),
+                    _ => StartAt::Beginning,
+                };
+                if record_targets {
+                    targets.insert((topic.clone(), p.partition), p.durable_offset);
+                }
+                inputs.push(Input {
+                    topic: topic.clone(),
+                    partition: p.partition,
+                    reader: self.log.reader(&topic, p.partition, start)?,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a batch, retrying with backoff while the target fails in a way that may pass;
+    /// nothing is skipped. `false`: stopped before the batch was written.
+    fn write_with_retry(
+        &self,
+        writer: &mut dyn Writer,
+        batch: &[Item],
+        stop: &AtomicBool,
+    ) -> Result<bool, SinkError> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match writer.write(batch) {
+                Ok(()) => return Ok(true),
+                Err(e) if e.is_retryable() => {
+                    eprintln!("polylog: sink {}: {e}; retrying in {backoff:?}", self.name);
+                    self.set_status(|s| {
+                        s.state = "retrying".into();
+                        s.last_error = Some(e.to_string());
+                    });
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until {
+                        if stop.load(Ordering::SeqCst) {
+                            return Ok(false);
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Sinks against a real Postgres.
+
+mod postgres;
