@@ -1,3 +1,4 @@
 //! Sinks against a real Postgres.
 
+mod file;
 mod postgres;

@@ -199,3 +199,74 @@ fn a_replica_table_that_is_not_the_sinks_is_refused() {
     );
     drop(running);
 }
+
+#[test]
+fn documents_of_a_view_land_in_a_jsonb_table() {
+    let pg = PgCluster::start().expect("postgres");
+    pg.create_database("app").expect("db");
+    pg.create_database("docs").expect("db");
+    pg.psql(
+        "app",
+        "CREATE TABLE publishers (id int PRIMARY KEY, name text);
+         CREATE TABLE videos (id int PRIMARY KEY, title text, publisher_id int);
+         INSERT INTO publishers VALUES (1, 'one'), (2, 'two');
+         INSERT INTO videos SELECT g, 't' || g, g % 3 FROM generate_series(1, 30) g;",
+    )
+    .expect("schema");
+    let dir = TempDir::new("sink-docs");
+    let log = open_log(dir.path());
+    let (src, running) = source(&pg, &log, dir.path());
+    let view_cfg: polylog_views::ViewConfig = toml::from_str(
+        "root = \"app.public.videos\"\njoins = [{ name = \"publisher\", topic = \"app.public.publishers\", on = { publisher_id = \"id\" }, kind = \"one\" }]",
+    )
+    .expect("view");
+    wait_flushed(&pg, &src);
+    let view = Arc::new(
+        polylog_views::View::new(
+            "videos",
+            &view_cfg,
+            Arc::clone(&log),
+            polylog_views::ViewOptions::new(dir.path().join("view")),
+        )
+        .expect("view"),
+    );
+    let v = Arc::clone(&view);
+    let view_running = Running::start(move |stop| v.run(stop).expect("the view runs"));
+    let text = format!(
+        "kind = \"postgres\"\nmode = \"document\"\nurl = \"{}\"\ntopics = [\"views.videos\"]",
+        pg.url("docs")
+    );
+    let s = sink("docs", &text, &log);
+    let s2 = Arc::clone(&s);
+    let sink_running = Running::start(move |stop| s2.run(stop, false));
+    pg.psql(
+        "app",
+        "UPDATE publishers SET name = 'ONE' WHERE id = 1; DELETE FROM videos WHERE id = 2;",
+    )
+    .expect("changes");
+    wait_flushed(&pg, &src);
+    let expected = pg
+        .psql(
+            "app",
+            "SELECT jsonb_object_agg(v.id::text, jsonb_build_object('id', v.id, 'title', v.title, 'publisher_id', v.publisher_id,
+                'publisher', CASE WHEN p.id IS NULL THEN NULL ELSE jsonb_build_object('id', p.id, 'name', p.name) END))
+             FROM videos v LEFT JOIN publishers p ON p.id = v.publisher_id",
+        )
+        .expect("expected");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = pg
+            .psql("docs", "SELECT jsonb_object_agg(id->>'id', doc - '_version') FROM views_videos")
+            .unwrap_or_default();
+        if got == expected {
+            break;
+        }
+        assert!(Instant::now() < deadline, "documents differ:\n{got}\n{expected}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let versions = pg.psql("docs", "SELECT count(*) FROM views_videos WHERE version = (doc->>'_version')::bigint AND version > 0").expect("versions");
+    assert_eq!(versions, "29");
+    sink_running.stop().expect("the sink runs");
+    drop(view_running);
+    drop(running);
+}

@@ -298,3 +298,119 @@ fn run_cmd(dir: &Path, args: &[&str]) -> String {
     let out = run(dir, args, "");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Rows of a table as JSON, in key order, without the sink's own columns.
+fn table_rows(pg: &polylog_testkit::PgCluster, db: &str, table: &str, order: &str) -> String {
+    pg.psql(
+        db,
+        &format!(
+            "SELECT COALESCE(jsonb_agg(to_jsonb(t) - '_polylog_partition' - '_polylog_position' ORDER BY {order}), '[]') FROM {table} t"
+        ),
+    )
+    .expect("rows")
+}
+
+#[test]
+fn replication_survives_kill_9_and_a_lost_replica_is_replayed() {
+    let pg = polylog_testkit::PgCluster::start().expect("postgres");
+    pg.create_database("app").expect("db");
+    pg.create_database("replica").expect("db");
+    pg.psql(
+        "app",
+        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
+         CREATE TABLE links (a int, b int, PRIMARY KEY (a, b));
+         INSERT INTO items SELECT g, 'i' || g, g FROM generate_series(1, 500) g;",
+    )
+    .expect("schema");
+    let d = TempDir::new("replicate");
+    std::fs::write(
+        d.path().join("polylog.toml"),
+        format!(
+            "[sources.app]\nkind = \"postgres\"\nurl = \"{}\"\nstatus_interval_ms = 100\nheartbeat_interval_ms = 200\n\
+             [sinks.replica]\nkind = \"postgres\"\nurl = \"{}\"\ntopics = [\"app.public.*\"]\nbatch_rows = 50\n",
+            pg.url("app"),
+            pg.url("replica")
+        ),
+    )
+    .expect("config");
+    let mut seed = 1u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed >> 33
+    };
+    for kill in 0..6 {
+        let mut run = polylog(d.path())
+            .args(["run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run");
+        for _ in 0..15 {
+            let (id, v) = (next() % 800, next() % 100);
+            pg.psql(
+                "app",
+                &format!(
+                    "BEGIN;
+                     INSERT INTO items VALUES ({id}, 'x{v}', {v}) ON CONFLICT (id) DO UPDATE SET n = excluded.n, name = excluded.name;
+                     UPDATE items SET n = n + 1 WHERE id % 7 = {};
+                     DELETE FROM items WHERE id = {};
+                     INSERT INTO links VALUES ({v}, {id}) ON CONFLICT DO NOTHING;
+                     {}
+                     COMMIT;",
+                    v % 7,
+                    next() % 800,
+                    if kill == 3 && v % 5 == 0 { "TRUNCATE links;" } else { "" }
+                ),
+            )
+            .expect("workload");
+        }
+        std::thread::sleep(Duration::from_millis(100 + next() % 700));
+        run.kill().expect("kill -9");
+        run.wait().expect("reap");
+    }
+    let run = polylog(d.path())
+        .args(["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let waited =
+        run_cmd_status(d.path(), &["status", "--wait-caught-up", "replica", "--timeout", "120"]);
+    assert!(waited.0, "status --wait-caught-up: {}", waited.1);
+    let check = || {
+        assert_eq!(
+            table_rows(&pg, "replica", "items", "id"),
+            table_rows(&pg, "app", "items", "id")
+        );
+        assert_eq!(
+            table_rows(&pg, "replica", "links", "a, b"),
+            table_rows(&pg, "app", "links", "a, b")
+        );
+    };
+    check();
+    let status = ok(d.path(), &["status"], "");
+    assert!(
+        status.contains("SINK") && status.contains("replica") && status.contains("0 records"),
+        "{status}"
+    );
+    Command::new("kill").args(["-TERM", &run.id().to_string()]).status().expect("kill");
+    let out = run.wait_with_output().expect("run exits");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The replica is lost; a replay rebuilds it from the log.
+    pg.psql("replica", "DROP TABLE items; DROP TABLE links").expect("drop");
+    let replayed = ok(d.path(), &["replay", "--sink", "replica"], "");
+    assert!(
+        replayed.contains("replayed") && replayed.contains("its lag is 0 records"),
+        "{replayed}"
+    );
+    check();
+}
+
+fn run_cmd_status(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = run(dir, args, "");
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
