@@ -8,6 +8,7 @@
 
 mod cdc;
 mod log_append;
+mod sink_postgres;
 mod view_join;
 
 use std::path::PathBuf;
@@ -48,6 +49,11 @@ const SCENARIOS: &[(&str, &str)] = &[
         "cdc_snapshot",
         "rows/s snapshotting a table into the log, vs psql \\copy to /dev/null \
          (options: --rows N, --parallelism N, --fsync always|never)",
+    ),
+    (
+        "sink_postgres",
+        "changes/s replicating a backlog of row changes into a replica with the postgres sink, vs \
+         psql \\copy of the same final rows (options: --changes N)",
     ),
     (
         "view_join",
@@ -101,6 +107,7 @@ fn main() -> ExitCode {
         "cdc_stream" => cdc::stream(&opts),
         "cdc_snapshot" => cdc::snapshot(&opts),
         "view_join" => view_join::run(&opts),
+        "sink_postgres" => sink_postgres::run(&opts),
         other => Err(format!("unknown scenario {other:?}\n{}", usage())),
     };
     match result {

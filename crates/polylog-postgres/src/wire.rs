@@ -668,6 +668,44 @@ impl Connection {
         }
     }
 
+    /// Runs one statement with parameters (`$1`, `$2`, ... in text form) through the extended
+    /// protocol: large values are not parsed as SQL. Returns its rows, as text.
+    pub fn query_params(&mut self, sql: &str, params: &[&[u8]]) -> Result<Vec<Row>, PgError> {
+        let mut out =
+            Vec::with_capacity(sql.len() + params.iter().map(|p| p.len() + 4).sum::<usize>() + 64);
+        let mut parse = vec![0]; // the unnamed statement
+        parse.extend_from_slice(sql.as_bytes());
+        parse.push(0);
+        parse.extend_from_slice(&0i16.to_be_bytes()); // parameter types: inferred
+        out.extend_from_slice(&frame(b'P', &parse));
+        let mut bind = vec![0, 0]; // the unnamed portal, of the unnamed statement
+        bind.extend_from_slice(&0i16.to_be_bytes()); // every parameter in text form
+        bind.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            bind.extend_from_slice(&(p.len() as i32).to_be_bytes());
+            bind.extend_from_slice(p);
+        }
+        bind.extend_from_slice(&0i16.to_be_bytes()); // results in text form
+        out.extend_from_slice(&frame(b'B', &bind));
+        let mut execute = vec![0];
+        execute.extend_from_slice(&0i32.to_be_bytes()); // every row
+        out.extend_from_slice(&frame(b'E', &execute));
+        out.extend_from_slice(&frame(b'S', &[]));
+        self.stream.write_all(&out)?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let m = self.read_required()?;
+            match m.kind {
+                b'1' | b'2' | b'C' | b'n' | b's' | b'T' | b'I' => {}
+                b'D' => rows.push(parse_data_row(&m.body)?),
+                b'E' => error = Some(server_error(&m.body)),
+                b'Z' => return error.map_or(Ok(rows), Err),
+                _ => self.background(&m)?,
+            }
+        }
+    }
+
     /// Runs statements whose result is not needed.
     pub fn execute(&mut self, sql: &str) -> Result<(), PgError> {
         self.query(sql).map(|_| ())

@@ -85,6 +85,22 @@ impl PostgresWriter {
         Ok(())
     }
 
+    /// Runs statements, each with its JSON parameter (`$1`), in one transaction.
+    fn run_transaction(&mut self, statements: &[(String, String)]) -> Result<(), SinkError> {
+        if statements.is_empty() {
+            return Ok(());
+        }
+        self.execute("BEGIN")?;
+        for (sql, json) in statements {
+            let r = self.conn()?.query_params(sql, &[json.as_bytes()]);
+            if let Err(e) = r {
+                self.conn = None;
+                return Err(pg(e));
+            }
+        }
+        self.execute("COMMIT")
+    }
+
     fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, SinkError> {
         match self.conn()?.query(sql) {
             Ok(rows) => Ok(rows),
@@ -186,7 +202,7 @@ impl PostgresWriter {
         for item in items {
             self.target(&item.topic)?;
         }
-        let mut sql = String::from("BEGIN;");
+        let mut statements: Vec<(String, String)> = Vec::new();
         // Per topic, the last change of each key since the last TRUNCATE.
         let mut pending: BTreeMap<String, BTreeMap<Vec<u8>, Last>> = BTreeMap::new();
         for item in items {
@@ -235,28 +251,29 @@ impl PostgresWriter {
                 }
                 "t" => {
                     if let Some(changes) = pending.remove(&item.topic) {
-                        sql.push_str(&self.flush_sql(&item.topic, changes));
+                        statements.extend(self.flush_sql(&item.topic, changes));
                     }
-                    sql.push_str(&format!(
-                        "DELETE FROM {} WHERE _polylog_partition = {} AND _polylog_position < '\\x{}'::bytea;",
-                        target.sql_name,
-                        r.partition,
-                        hex(&pos.to_bytes())
+                    let Some(target) = self.targets.get(&item.topic) else { continue };
+                    statements.push((
+                        format!(
+                            "DELETE FROM {} WHERE _polylog_partition = {} AND _polylog_position < decode($1, 'hex')",
+                            target.sql_name, r.partition
+                        ),
+                        hex(&pos.to_bytes()),
                     ));
                 }
                 _ => {}
             }
         }
         for (topic, changes) in pending {
-            sql.push_str(&self.flush_sql(&topic, changes));
+            statements.extend(self.flush_sql(&topic, changes));
         }
-        sql.push_str("COMMIT;");
-        self.execute(&sql)
+        self.run_transaction(&statements)
     }
 
     /// The statements applying the last change of each key.
-    fn flush_sql(&self, topic: &str, changes: BTreeMap<Vec<u8>, Last>) -> String {
-        let Some(t) = self.targets.get(topic) else { return String::new() };
+    fn flush_sql(&self, topic: &str, changes: BTreeMap<Vec<u8>, Last>) -> Vec<(String, String)> {
+        let Some(t) = self.targets.get(topic) else { return Vec::new() };
         let (mut upserts, mut deletes) = (Vec::new(), Vec::new());
         for (_, last) in changes {
             match last {
@@ -264,7 +281,7 @@ impl PostgresWriter {
                 Last::Delete(row) => deletes.push(Value::Object(row)),
             }
         }
-        let mut sql = String::new();
+        let mut sql = Vec::new();
         let keys: Vec<String> = t.key.iter().map(|k| quote_ident(k)).collect();
         if !upserts.is_empty() {
             let set: Vec<String> = t
@@ -280,24 +297,25 @@ impl PostgresWriter {
                 .chain(["_polylog_partition".to_string(), "_polylog_position".to_string()].iter())
                 .map(|c| quote_ident(c))
                 .collect();
-            sql.push_str(&format!(
-                "INSERT INTO {name} AS t ({cols}) SELECT {cols} FROM jsonb_populate_recordset(NULL::{name}, {json}) \
-                 ON CONFLICT ({keys}) DO UPDATE SET {set} WHERE t._polylog_position < excluded._polylog_position;",
+            sql.push((format!(
+                "INSERT INTO {name} AS t ({cols}) SELECT {cols} FROM jsonb_populate_recordset(NULL::{name}, $1::jsonb) \
+                 ON CONFLICT ({keys}) DO UPDATE SET {set} WHERE t._polylog_position < excluded._polylog_position",
                 name = t.sql_name,
                 cols = cols.join(", "),
-                json = quote_literal(&Value::Array(upserts).to_string()),
                 keys = keys.join(", "),
                 set = if set.is_empty() { "_polylog_position = excluded._polylog_position".to_string() } else { set.join(", ") },
-            ));
+            ), Value::Array(upserts).to_string()));
         }
         if !deletes.is_empty() {
             let on: Vec<String> = keys.iter().map(|k| format!("t.{k} = d.{k}")).collect();
-            sql.push_str(&format!(
-                "DELETE FROM {name} AS t USING jsonb_populate_recordset(NULL::{name}, {json}) d \
-                 WHERE {on} AND t._polylog_position < d._polylog_position;",
+            sql.push((
+                format!(
+                "DELETE FROM {name} AS t USING jsonb_populate_recordset(NULL::{name}, $1::jsonb) d \
+                 WHERE {on} AND t._polylog_position < d._polylog_position",
                 name = t.sql_name,
-                json = quote_literal(&Value::Array(deletes).to_string()),
                 on = on.join(" AND "),
+            ),
+                Value::Array(deletes).to_string(),
             ));
         }
         sql
@@ -320,12 +338,12 @@ impl PostgresWriter {
             };
             by_table.entry(table).or_default().insert(key, doc);
         }
-        let mut sql = String::from("BEGIN;");
+        let mut statements: Vec<(String, String)> = Vec::new();
         for (table, docs) in by_table {
             let name = quote_ident(&table);
-            sql.push_str(&format!(
-                "CREATE TABLE IF NOT EXISTS {name} (id jsonb PRIMARY KEY, doc jsonb NOT NULL, version bigint NOT NULL);"
-            ));
+            self.execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {name} (id jsonb PRIMARY KEY, doc jsonb NOT NULL, version bigint NOT NULL)"
+            ))?;
             let (mut upserts, mut deletes) = (Vec::new(), Vec::new());
             for (key, doc) in docs {
                 let id: Value = serde_json::from_slice(&key)
@@ -338,22 +356,25 @@ impl PostgresWriter {
                 }
             }
             if !upserts.is_empty() {
-                sql.push_str(&format!(
-                    "INSERT INTO {name} AS t SELECT * FROM jsonb_populate_recordset(NULL::{name}, {}) \
-                     ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, version = excluded.version \
-                     WHERE t.version <= excluded.version;",
-                    quote_literal(&Value::Array(upserts).to_string())
+                statements.push((
+                    format!(
+                        "INSERT INTO {name} AS t SELECT * FROM jsonb_populate_recordset(NULL::{name}, $1::jsonb) \
+                         ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, version = excluded.version \
+                         WHERE t.version <= excluded.version"
+                    ),
+                    Value::Array(upserts).to_string(),
                 ));
             }
             if !deletes.is_empty() {
-                sql.push_str(&format!(
-                    "DELETE FROM {name} WHERE id IN (SELECT jsonb_array_elements({}::jsonb));",
-                    quote_literal(&Value::Array(deletes).to_string())
+                statements.push((
+                    format!(
+                        "DELETE FROM {name} WHERE id IN (SELECT jsonb_array_elements($1::jsonb))"
+                    ),
+                    Value::Array(deletes).to_string(),
                 ));
             }
         }
-        sql.push_str("COMMIT;");
-        self.execute(&sql)
+        self.run_transaction(&statements)
     }
 }
 
