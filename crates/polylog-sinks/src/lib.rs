@@ -7,6 +7,7 @@ pub mod config;
 pub mod file;
 pub mod postgres;
 pub mod runner;
+pub mod search;
 
 pub use config::{FileSinkConfig, PostgresSinkConfig, PostgresSinkMode, SinkConfig};
 pub use runner::{Sink, SinkStatus, StartFrom};

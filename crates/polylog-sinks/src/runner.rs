@@ -2,6 +2,7 @@
 //! consumer group `sink.<name>`, written in batches, offsets committed after each write.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use polylog_postgres::config::glob_match;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SinkConfig;
+use crate::search::{SearchIndex, SearchIndexes, SearchWriter};
 use crate::{Item, SinkError, Writer};
 
 /// Topics are looked up again this often, so a sink picks up topics created after it started.
@@ -43,6 +45,8 @@ pub struct Sink {
     pub cfg: SinkConfig,
     log: Arc<dyn Log>,
     pub status: Mutex<SinkStatus>,
+    /// Where `search` sinks keep their index (`<dir>/<name>`), and the process's indexes.
+    search: Option<(PathBuf, SearchIndexes)>,
 }
 
 struct Input {
@@ -56,13 +60,32 @@ impl Sink {
         cfg.validate().map_err(|e| {
             SinkError::Config(format!("`sinks.{name}.{}", e.trim_start_matches('`')))
         })?;
-        if let SinkConfig::Search(_) = cfg {
-            return Err(SinkError::Config(format!(
-                "`sinks.{name}`: the search sink is not built yet"
-            )));
-        }
         let status = SinkStatus { state: "starting".into(), ..SinkStatus::default() };
-        Ok(Sink { name: name.to_string(), cfg, log, status: Mutex::new(status) })
+        Ok(Sink { name: name.to_string(), cfg, log, status: Mutex::new(status), search: None })
+    }
+
+    /// Where a `search` sink keeps its index (`<dir>/<name>`), and the registry the API
+    /// serves indexes from.
+    pub fn with_search(mut self, dir: PathBuf, indexes: SearchIndexes) -> Sink {
+        self.search = Some((dir, indexes));
+        self
+    }
+
+    /// The index of a `search` sink (opened and registered on first use).
+    pub fn search_index(&self) -> Result<Arc<SearchIndex>, SinkError> {
+        let Some((dir, indexes)) = &self.search else {
+            return Err(SinkError::Config(format!(
+                "sink {}: no directory for its search index",
+                self.name
+            )));
+        };
+        let mut map = indexes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ix) = map.get(&self.name) {
+            return Ok(Arc::clone(ix));
+        }
+        let ix = Arc::new(SearchIndex::open(&self.name, &dir.join(&self.name))?);
+        map.insert(self.name.clone(), Arc::clone(&ix));
+        Ok(ix)
     }
 
     /// The consumer group holding the sink's offsets.
@@ -80,9 +103,7 @@ impl Sink {
                 Box::new(crate::postgres::PostgresWriter::new(p.clone(), Arc::clone(&self.log)))
             }
             SinkConfig::File(f) => Box::new(crate::file::FileWriter::new(f.clone())),
-            SinkConfig::Search(_) => {
-                return Err(SinkError::Config("the search sink is not built yet".into()))
-            }
+            SinkConfig::Search(_) => Box::new(SearchWriter::new(self.search_index()?)),
         })
     }
 

@@ -1,5 +1,6 @@
 //! The `polylog` binary: command line, config loading, and the commands.
 
+mod api;
 mod config;
 mod quickstart;
 mod run;

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use polylog_log::Log;
 use polylog_postgres::wire::{ConnectParams, Connection};
 use polylog_postgres::{PostgresSource, SourceOptions, SourceStatus};
+use polylog_sinks::search::SearchIndexes;
 use polylog_sinks::{Sink, SinkStatus, StartFrom};
 use polylog_views::{View, ViewError, ViewOptions, ViewStatus};
 
@@ -43,12 +44,28 @@ fn sources(
     Ok(out)
 }
 
-fn sinks(config: &Config, log: Arc<dyn Log>) -> anyhow::Result<Vec<(String, Sink)>> {
+fn sinks(
+    config: &Config,
+    log: Arc<dyn Log>,
+    indexes: &SearchIndexes,
+) -> anyhow::Result<Vec<(String, Sink)>> {
     let mut out = Vec::new();
     for (name, s) in &config.sinks {
-        out.push((name.clone(), Sink::new(name, s.clone(), Arc::clone(&log))?));
+        let sink = Sink::new(name, s.clone(), Arc::clone(&log))?
+            .with_search(config.data_dir.join("search"), Arc::clone(indexes));
+        out.push((name.clone(), sink));
     }
     Ok(out)
+}
+
+/// The API's bearer token: `api.token`, else `POLYLOG_API_TOKEN`.
+pub fn api_token(config: &Config) -> Option<String> {
+    config
+        .api
+        .token
+        .clone()
+        .or_else(|| std::env::var("POLYLOG_API_TOKEN").ok())
+        .filter(|t| !t.is_empty())
 }
 
 fn views(config: &Config, log: Arc<dyn Log>) -> anyhow::Result<Vec<(String, View)>> {
@@ -84,7 +101,24 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     let statuses: Vec<(String, Arc<Mutex<SourceStatus>>)> =
         srcs.iter().map(|(n, s)| (n.clone(), Arc::clone(&s.status))).collect();
     let views = views(config, Arc::clone(&log))?;
-    let sinks = sinks(config, Arc::clone(&log))?;
+    let indexes: SearchIndexes = Arc::default();
+    let sinks = sinks(config, Arc::clone(&log), &indexes)?;
+    // The HTTP API serves the search indexes (the rest of the API is not built yet).
+    let listener =
+        if sinks.iter().any(|(_, s)| matches!(s.cfg, polylog_sinks::SinkConfig::Search(_))) {
+            for (_, s) in &sinks {
+                if matches!(s.cfg, polylog_sinks::SinkConfig::Search(_)) {
+                    s.search_index()?;
+                }
+            }
+            let l = std::net::TcpListener::bind(&config.api.listen)
+                .with_context(|| format!("`api.listen`: cannot listen on {}", config.api.listen))?;
+            eprintln!("polylog: API on http://{}/v1/search/<index>?q=...", config.api.listen);
+            Some(l)
+        } else {
+            None
+        };
+    let api = Arc::new(crate::api::Api { indexes: Arc::clone(&indexes), token: api_token(config) });
     let failed = Mutex::new(Vec::new());
     let fail = |what: String| {
         eprintln!("polylog: {what}");
@@ -126,6 +160,14 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
                 eprintln!("polylog: view {name}: writing {}", view.spec.output_topic());
                 if let Err(e) = view.run(stop) {
                     fail(format!("view {name} stopped: {e}"));
+                }
+            });
+        }
+        if let Some(listener) = listener {
+            let (stop, fail, api) = (&stop, &fail, Arc::clone(&api));
+            scope.spawn(move || {
+                if let Err(e) = crate::api::serve(listener, api, stop) {
+                    fail(format!("the API stopped: {e}"));
                 }
             });
         }
@@ -416,7 +458,8 @@ pub fn replay(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
         None => StartFrom::Beginning,
     };
     let log: Arc<dyn Log> = Arc::new(crate::open_log(config)?);
-    let sink = Sink::new(&args.sink, cfg.clone(), Arc::clone(&log))?;
+    let sink = Sink::new(&args.sink, cfg.clone(), Arc::clone(&log))?
+        .with_search(config.data_dir.join("search"), SearchIndexes::default());
     sink.reset(from)?;
     let (total, _) = sink.lag()?;
     eprintln!("polylog: replaying {total} records into sink {}", args.sink);

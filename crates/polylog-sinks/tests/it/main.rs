@@ -2,3 +2,4 @@
 
 mod file;
 mod postgres;
+mod search;

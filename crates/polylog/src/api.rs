@@ -1,0 +1,205 @@
+//! The HTTP API (`[api] listen`), as far as it is built: search over the `search` sinks'
+//! indexes.
+//!
+//! - `GET /v1/search/<index>?q=<query>&limit=<n>`: matching documents, best first
+//!   (`{"total": n, "hits": [{"id", "version", "score", "doc"}]}`); the query uses the
+//!   index's syntax over the documents' fields (`title:rust AND publisher.name:acme`).
+//! - `GET /v1/search/<index>/<id>`: one document by its key (the key as JSON, URL-encoded).
+//!
+//! With `api.token` (or `POLYLOG_API_TOKEN`) set, requests need `Authorization: Bearer <token>`.
+//! Requests are small GETs: a request head over 16 KiB is refused; at most 64 connections are
+//! served at once.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use polylog_sinks::search::SearchIndexes;
+use serde_json::{json, Value};
+
+const HEAD_MAX: usize = 16 * 1024;
+const CONNECTIONS_MAX: usize = 64;
+
+pub struct Api {
+    pub indexes: SearchIndexes,
+    pub token: Option<String>,
+}
+
+/// Serves until `stop` is set.
+pub fn serve(listener: TcpListener, api: Arc<Api>, stop: &AtomicBool) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let active = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                if active.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
+                    let _ = respond(&stream, 503, &json!({"error": "too many connections"}));
+                    continue;
+                }
+                active.fetch_add(1, Ordering::SeqCst);
+                let (api, active) = (Arc::clone(&api), Arc::clone(&active));
+                std::thread::spawn(move || {
+                    let _ = handle(&stream, &api);
+                    active.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn respond(mut stream: &TcpStream, status: u16, body: &Value) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(&body)?;
+    stream.flush()
+}
+
+/// Decodes `%XX` and `+` in a URL component.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.take(HEAD_MAX as u64 + 1));
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut auth = None;
+    let mut head = request_line.len();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        head += line.len();
+        if head > HEAD_MAX {
+            return respond(stream, 431, &json!({"error": "request head over 16 KiB"}));
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("authorization") {
+                auth = Some(v.trim().to_string());
+            }
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if let Some(token) = &api.token {
+        if auth.as_deref() != Some(&format!("Bearer {token}")) {
+            return respond(stream, 401, &json!({"error": "missing or wrong bearer token"}));
+        }
+    }
+    if method != "GET" {
+        return respond(
+            stream,
+            405,
+            &json!({"error": format!("{method} is not supported; use GET")}),
+        );
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let params: Vec<(String, String)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect();
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let segments: Vec<String> = path.trim_matches('/').split('/').map(decode).collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let index =
+        |name: &str| api.indexes.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
+    match segments.as_slice() {
+        ["v1", "search", name] => {
+            let Some(ix) = index(name) else {
+                return respond(
+                    stream,
+                    404,
+                    &json!({"error": format!("no search index {name:?}")}),
+                );
+            };
+            let q = param("q").unwrap_or_else(|| "*".into());
+            let limit = match param("limit").map(|l| l.parse::<usize>()) {
+                None => 10,
+                Some(Ok(l)) if (1..=1000).contains(&l) => l,
+                Some(_) => {
+                    return respond(stream, 400, &json!({"error": "limit must be 1 to 1000"}))
+                }
+            };
+            match ix.search(&q, limit) {
+                Ok(v) => respond(stream, 200, &v),
+                Err(e) => respond(stream, 400, &json!({"error": e.to_string()})),
+            }
+        }
+        ["v1", "search", name, id] => {
+            let Some(ix) = index(name) else {
+                return respond(
+                    stream,
+                    404,
+                    &json!({"error": format!("no search index {name:?}")}),
+                );
+            };
+            // Keys are JSON; `7` is accepted for `{"id":7}`-style keys only as given.
+            let key = serde_json::from_str::<Value>(id)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| id.to_string());
+            match ix.get(&key) {
+                Ok(Some(v)) => respond(stream, 200, &v),
+                Ok(None) => {
+                    respond(stream, 404, &json!({"error": format!("no document {key} in {name}")}))
+                }
+                Err(e) => respond(stream, 400, &json!({"error": e.to_string()})),
+            }
+        }
+        _ => respond(
+            stream,
+            404,
+            &json!({"error": format!("no route {path}; try /v1/search/<index>?q=...")}),
+        ),
+    }
+}
