@@ -36,8 +36,8 @@ enum Command {
         #[command(subcommand)]
         command: topics::TopicsCommand,
     },
-    /// A guided demo on this machine: writes a stream of change events into the embedded log,
-    /// compacts it and reads it back.
+    /// The whole pipeline on this machine: a throwaway Postgres with a workload, captured,
+    /// denormalized into documents, indexed and served for search. Needs the Postgres binaries.
     Quickstart(quickstart::QuickstartArgs),
     /// Run every configured source, view and sink until Ctrl-C.
     Run,
@@ -91,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(config)
     };
     match cli.command {
-        Command::Quickstart(args) => quickstart::run(&args, data_dir.clone()),
+        Command::Quickstart(args) => quickstart::run(&args),
         Command::Topics { command } => topics::run(&load()?, command),
         Command::Run => run::run(&load()?),
         Command::Status(args) => run::status(&load()?, &args),

@@ -1,230 +1,250 @@
-//! `polylog quickstart`: a guided tour on this machine, with nothing to set up.
-//!
-//! Today it shows the embedded log: it writes a stream of change events for a `videos` table
-//! (synthetic, in the Debezium envelope that the Postgres source will produce) into a compacted
-//! topic with group-committed fsyncs, compacts it, and reads it back.
+//! `polylog quickstart`: the whole pipeline on this machine, with nothing set up but the
+//! Postgres binaries: a throwaway Postgres with a small video platform (publishers, videos,
+//! tags, video_tags) and a workload, captured by the CDC source, denormalized by a view into
+//! one document per video, indexed by the search sink and served by the HTTP API.
 
-use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
-use polylog_log::{
-    now_ms, partition_for_key, EmbeddedLog, Log, LogError, LogOptions, Record, StartAt, TopicConfig,
-};
+use polylog_testkit::PgCluster;
 
-use crate::topics::{human_bytes, record_json};
+use crate::config::Config;
 
 #[derive(Debug, Args)]
 pub struct QuickstartArgs {
-    /// Change events to write.
-    #[arg(long, default_value_t = 200_000)]
-    events: u64,
-}
-
-const TOPIC: &str = "quickstart.public.videos";
-const PARTITIONS: u32 = 3;
-const BATCH_RECORDS: usize = 2000;
-
-/// A small deterministic generator (xorshift64*), so each run writes a realistic mix.
-struct Gen(u64);
-impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+    /// Where the quickstart keeps its config and data (replaced on every run).
+    #[arg(long, default_value = "polylog-quickstart")]
+    dir: PathBuf,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Address of the HTTP API (default 127.0.0.1:7700, or a free port if that is taken).
+    #[arg(long)]
+    listen: Option<String>,
 }
 
 const WORDS: [&str; 16] = [
-    "cats",
-    "rust",
-    "cooking",
-    "travel",
-    "chess",
-    "guitar",
-    "robots",
-    "space",
-    "coffee",
-    "garden",
-    "running",
-    "jazz",
-    "origami",
-    "sailing",
-    "pottery",
-    "volcanoes",
+    "cats", "rust", "cooking", "travel", "chess", "guitar", "robots", "space", "coffee", "garden",
+    "running", "jazz", "origami", "sailing", "pottery", "volcanoes",
 ];
 
-fn video_row(g: &mut Gen, id: u64, version: u64) -> serde_json::Value {
-    let a = WORDS[g.below(16) as usize];
-    let b = WORDS[g.below(16) as usize];
-    serde_json::json!({
-        "id": id,
-        "title": format!("{a} and {b}, part {}", version + 1),
-        "publisher_id": 1 + g.below(500),
-        "duration_s": 30 + g.below(3600),
-        "views": g.below(1_000_000),
-        "published_at": "2026-11-26T08:00:00.000000Z",
-    })
+/// A small deterministic generator (xorshift64*), so each run looks alike.
+struct Gen(u64);
+impl Gen {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+    fn word(&mut self) -> &'static str {
+        WORDS[self.below(WORDS.len() as u64) as usize]
+    }
 }
 
-pub fn run(args: &QuickstartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let dir = data_dir.unwrap_or_else(|| PathBuf::from("polylog-quickstart"));
-    println!("Polylog quickstart: the embedded log\n");
-    let log = EmbeddedLog::open(&dir, LogOptions::default())
-        .with_context(|| format!("cannot open the log in {}", dir.display()))?;
-    println!("1. Opened the data directory {} (fsync = \"always\": a record is acknowledged only once on disk).", dir.display());
-    // Small segments, so that compaction (which cleans sealed segments) has work to show.
-    let config = TopicConfig { segment_bytes: 4 << 20, ..TopicConfig::new(PARTITIONS).compacted() };
-    match log.create_topic(TOPIC, &config) {
-        Ok(()) => println!("2. Created the compacted topic {TOPIC} with {PARTITIONS} partitions."),
-        Err(LogError::TopicExists(_)) => {
-            println!("2. The topic {TOPIC} exists from an earlier run; adding to it.")
-        }
-        Err(e) => return Err(e.into()),
-    }
+const SCHEMA: &str = "
+    CREATE TABLE publishers (id int PRIMARY KEY, name text NOT NULL, country text);
+    CREATE TABLE videos (id int PRIMARY KEY, title text NOT NULL, publisher_id int,
+                         duration_s int, published_at timestamptz DEFAULT now());
+    CREATE TABLE tags (id int PRIMARY KEY, label text NOT NULL);
+    CREATE TABLE video_tags (video_id int, tag_id int, position int, PRIMARY KEY (video_id, tag_id));
+    INSERT INTO publishers SELECT g, 'publisher ' || g, (ARRAY['fr','de','us','jp'])[1 + g % 4]
+      FROM generate_series(1, 50) g;
+    INSERT INTO tags SELECT g, (ARRAY['cats','rust','cooking','travel','chess','guitar','robots',
+      'space','coffee','garden','running','jazz','origami','sailing','pottery','volcanoes'])[g]
+      FROM generate_series(1, 16) g;
+    INSERT INTO videos SELECT g, 'video ' || g || ' about ' || (ARRAY['cats','rust','cooking','travel'])[1 + g % 4],
+      1 + g % 50, 60 + g % 3600 FROM generate_series(1, 2000) g;
+    INSERT INTO video_tags SELECT v, 1 + (v * 7 + k) % 16, k FROM generate_series(1, 2000) v, generate_series(0, 1) k;
+";
 
-    println!(
-        "3. Writing {} change events for a `videos` table: creates, updates and deletes in Debezium's\n   \
-         envelope (synthetic; capture from Postgres arrives with the CDC source), keyed by primary key.",
-        args.events
-    );
-    let mut g = Gen(now_ms() as u64 | 1);
-    let mut versions: HashMap<u64, u64> = HashMap::new();
-    let mut live: Vec<u64> = Vec::new();
-    let mut next_id = 1u64;
-    let (mut written, mut bytes, mut deletes) = (0u64, 0u64, 0u64);
-    let mut lsn = 0x1600_0000u64;
-    let started = Instant::now();
-    let mut last_progress = Instant::now();
-    while written < args.events {
-        let mut batches: Vec<Vec<Record>> = vec![Vec::new(); PARTITIONS as usize];
-        let round = (args.events - written).min(BATCH_RECORDS as u64 * u64::from(PARTITIONS));
-        for _ in 0..round {
-            lsn += 64 + g.below(512);
-            let roll = g.below(100);
-            let (slot, id, op) = if live.is_empty() || roll < 35 {
-                next_id += 1;
-                live.push(next_id - 1);
-                (live.len() - 1, next_id - 1, "c")
-            } else {
-                let slot = g.below(live.len() as u64) as usize;
-                (slot, live[slot], if roll < 92 { "u" } else { "d" })
-            };
-            let version = versions.get(&id).copied().unwrap_or(0);
-            let before = (op != "c").then(|| video_row(&mut g, id, version.saturating_sub(1)));
-            let after = (op != "d").then(|| video_row(&mut g, id, version));
-            let ts = now_ms();
-            let value = serde_json::json!({
-                "before": before, "after": after, "op": op, "ts_ms": ts,
-                "source": {
-                    "connector": "postgresql", "name": "quickstart", "db": "quickstart",
-                    "schema": "public", "table": "videos", "lsn": lsn, "txId": 1000 + lsn / 4096,
-                    "ts_ms": ts, "snapshot": "false"
+fn config_text(pg: &PgCluster, data_dir: &Path, listen: &str) -> String {
+    format!(
+        r#"# Written by `polylog quickstart`; run it yourself with `polylog -c {dir}/polylog.toml run`
+# (while the quickstart's Postgres is up).
+data_dir = "{data}"
+
+[log]
+fsync = "always"
+
+[api]
+listen = "{listen}"
+
+[sources.demo]
+kind = "postgres"
+url = "{url}"
+status_interval_ms = 200
+
+[views.videos]
+root = "demo.public.videos"
+
+[[views.videos.joins]]
+name = "publisher"
+topic = "demo.public.publishers"
+on = {{ publisher_id = "id" }}
+kind = "one"
+
+[[views.videos.joins]]
+name = "tags"
+topic = "demo.public.video_tags"
+on = {{ id = "video_id" }}
+kind = "many"
+fields = ["position"]
+order_by = ["position"]
+joins = [{{ name = "tag", topic = "demo.public.tags", on = {{ tag_id = "id" }}, kind = "one" }}]
+
+[sinks.videos]
+kind = "search"
+topic = "views.videos"
+"#,
+        dir = data_dir.parent().unwrap_or(data_dir).display(),
+        data = data_dir.display(),
+        url = pg.url("demo"),
+    )
+}
+
+/// One random transaction of the workload.
+fn change(g: &mut Gen, next_video: &mut u64) -> String {
+    match g.below(10) {
+        0..=3 => {
+            *next_video += 1;
+            let (id, w) = (*next_video, g.word());
+            format!(
+                "BEGIN; INSERT INTO videos (id, title, publisher_id, duration_s) VALUES ({id}, 'new video about {w}', {}, {});
+                 INSERT INTO video_tags VALUES ({id}, {}, 0) ON CONFLICT DO NOTHING; COMMIT;",
+                1 + g.below(50),
+                60 + g.below(3600),
+                1 + g.below(16)
+            )
+        }
+        4 | 5 => format!("UPDATE videos SET title = 'video {0} about {1}' WHERE id = {0}", 1 + g.below(*next_video), g.word()),
+        6 => format!("UPDATE publishers SET name = 'publisher {0} ({1})' WHERE id = {0}", 1 + g.below(50), g.word()),
+        7 => format!("INSERT INTO video_tags VALUES ({}, {}, 1) ON CONFLICT DO NOTHING", 1 + g.below(*next_video), 1 + g.below(16)),
+        8 => format!("DELETE FROM video_tags WHERE video_id = {}", 1 + g.below(*next_video)),
+        _ => format!("DELETE FROM videos WHERE id = {}", 1 + g.below(*next_video)),
+    }
+}
+
+fn free_listen(wanted: Option<&str>) -> anyhow::Result<String> {
+    if let Some(w) = wanted {
+        return Ok(w.to_string());
+    }
+    if std::net::TcpListener::bind("127.0.0.1:7700").is_ok() {
+        return Ok("127.0.0.1:7700".into());
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
+    let dir = &args.dir;
+    if dir.exists() {
+        if !dir.join("polylog.toml").exists() {
+            bail!("{} exists and is not a quickstart directory; pass --dir <new directory>", dir.display());
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    println!("1. Starting a throwaway Postgres with a small video platform (publishers, videos, tags, video_tags) ...");
+    let pg = PgCluster::start().context("starting Postgres (the quickstart needs the Postgres 15 server binaries, e.g. `apt-get install postgresql`)")?;
+    pg.create_database("demo")?;
+    pg.psql("demo", SCHEMA)?;
+    let listen = free_listen(args.listen.as_deref())?;
+    let config_path = dir.join("polylog.toml");
+    std::fs::write(&config_path, config_text(&pg, &dir.join("data"), &listen))?;
+    let config = Config::load(&config_path, true)?;
+    println!("   {} (config: {})", pg.url("demo"), config_path.display());
+    println!("2. Capturing it (snapshot, then every change), keeping a document per video with its");
+    println!("   publisher and tags current, and indexing the documents for search.");
+
+    let stop_arc = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop_arc))
+            .context("installing a signal handler")?;
+    }
+    let me = std::env::current_exe().map_or_else(|_| "polylog".into(), |p| p.display().to_string());
+    let stop = &*stop_arc;
+    let result = std::thread::scope(|scope| {
+        // The workload: a change every 200 ms.
+        scope.spawn(|| {
+            let mut g = Gen(0x5eed);
+            let mut next_video = 2000;
+            let mut changes = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                if pg.psql("demo", &change(&mut g, &mut next_video)).is_ok() {
+                    changes += 1;
                 }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            changes
+        });
+        let started = Instant::now();
+        let (listen, config_path, me, pg) = (&listen, &config_path, &me, &pg);
+        scope.spawn(move || {
+            // Tell the user what to try once the first documents are searchable.
+            let url = format!("http://{listen}/v1/search/videos");
+            while !stop.load(Ordering::SeqCst) {
+                if search_works(&listen) {
+                    println!("3. Running. Try, in another terminal:");
+                    println!("     curl '{url}?q=title:rust&limit=3'");
+                    println!("     curl '{url}?q=publisher.country:jp%20AND%20tags.tag.label:cats'");
+                    println!("     curl '{url}/%7B%22id%22:1%7D'          # the document of video 1");
+                    println!("     {me} -c {} status", config_path.display());
+                    println!("     {me} -c {} topics tail views.videos -n 2", config_path.display());
+                    println!("     psql '{}' -c \"UPDATE publishers SET name = 'Acme' WHERE id = 1\"", pg.url("demo"));
+                    println!("   (a change every 200 ms meanwhile; Ctrl-C stops everything)");
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(120) {
+                    println!("   the search API did not answer within 120 s; see `{me} -c {} status`", config_path.display());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        if let Some(s) = args.seconds {
+            scope.spawn(move || {
+                let until = Instant::now() + Duration::from_secs(s);
+                while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                stop.store(true, Ordering::SeqCst);
             });
-            let key = serde_json::to_vec(&serde_json::json!({ "id": id }))?;
-            let p = partition_for_key(&key, PARTITIONS) as usize;
-            let value = serde_json::to_vec(&value)?;
-            bytes += (key.len() + value.len()) as u64;
-            batches[p].push(Record::new(key.clone(), value));
-            if op == "d" {
-                batches[p].push(Record::tombstone(key));
-                versions.remove(&id);
-                live.swap_remove(slot);
-                deletes += 1;
-            } else {
-                versions.insert(id, version + 1);
-            }
-            written += 1;
         }
-        let mut ends = Vec::new();
-        for (p, batch) in batches.iter().enumerate() {
-            if !batch.is_empty() {
-                ends.push((p as u32, log.append(TOPIC, p as u32, batch)?.last_offset + 1));
-            }
-        }
-        for (p, end) in ends {
-            log.wait_durable(TOPIC, p, end, Duration::from_secs(60))?;
-        }
-        let tty = std::io::stderr().is_terminal();
-        if tty && (last_progress.elapsed() > Duration::from_millis(250) || written == args.events) {
-            last_progress = Instant::now();
-            let rate = written as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            eprint!("\r   {written}/{} events durable ({rate:.0} events/s)   ", args.events);
-            let _ = std::io::stderr().flush();
-        }
-    }
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    if std::io::stderr().is_terminal() {
-        eprintln!();
-    }
+        let r = crate::run::run_with(&config, Arc::clone(&stop_arc));
+        stop.store(true, Ordering::SeqCst);
+        r
+    });
+    result?;
+    let status: serde_json::Value = std::fs::read(config.data_dir.join("status").join("sources.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
     println!(
-        "   Done: {written} events ({deletes} deletes, each followed by a tombstone), {} in {secs:.2} s: \
-         {:.0} events/s, {:.1} MB/s, every batch fsynced before it was acknowledged.",
-        human_bytes(bytes),
-        written as f64 / secs,
-        bytes as f64 / secs / 1e6
+        "4. Stopped: {} change events captured, {} documents written by the view, {} indexed.",
+        status["sources"]["demo"]["events"].as_u64().unwrap_or(0)
+            + status["sources"]["demo"]["snapshot_rows"].as_u64().unwrap_or(0),
+        status["views"]["videos"]["documents"].as_u64().unwrap_or(0),
+        status["sinks"]["videos"]["records"].as_u64().unwrap_or(0),
     );
-
-    log.flush()?;
-    let before: u64 = size(&log)?;
-    let report = log.maintain_now()?;
-    println!(
-        "4. Compacted the sealed segments: {} superseded records removed ({} → {} on disk; the active\n   \
-         segment is compacted once it fills and rolls).",
-        report.compaction.records_removed,
-        human_bytes(before),
-        human_bytes(size(&log)?)
-    );
-
-    println!("5. The newest records of partition 0, as `polylog topics tail` prints them:");
-    let d = log.describe_topic(TOPIC)?;
-    let end = d.partitions[0].durable_offset;
-    let mut reader = log.reader(
-        TOPIC,
-        0,
-        StartAt::Offset(end.saturating_sub(2).max(d.partitions[0].start_offset)),
-    )?;
-    for r in reader.poll(2, Duration::ZERO)? {
-        println!("   {}", record_json(TOPIC, &r));
-    }
-    drop(reader);
-    drop(log);
-
-    let me = invocation();
-    let dd = dir.display();
-    println!("\nNext, try:");
-    println!("  {me} --data-dir {dd} topics list");
-    println!("  {me} --data-dir {dd} topics describe {TOPIC}");
-    println!("  {me} --data-dir {dd} topics tail {TOPIC} -n 3");
-    println!("  {me} --data-dir {dd} topics tail notes --follow     # in one terminal");
-    println!("  printf 'k1\\thello\\n' | {me} --data-dir {dd} topics produce notes --create     # in another");
+    println!("   Everything is in {}; the Postgres it used is gone.", dir.display());
     Ok(())
 }
 
-/// How to run this binary again from here: `polylog` if that is what is on the PATH, else its
-/// path (e.g. `./target/release/polylog` after `cargo run`).
-fn invocation() -> String {
-    let Ok(exe) = std::env::current_exe() else { return "polylog".into() };
-    let on_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("polylog") == exe));
-    if on_path {
-        return "polylog".into();
+/// Whether the search API answers with at least one document.
+fn search_works(listen: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(listen) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /v1/search/videos?q=*&limit=1 HTTP/1.1\r\nHost: x\r\n\r\n").is_err() {
+        return false;
     }
-    match std::env::current_dir().ok().and_then(|cwd| exe.strip_prefix(cwd).ok().map(PathBuf::from))
-    {
-        Some(rel) => format!("./{}", rel.display()),
-        None => exe.display().to_string(),
-    }
-}
-
-fn size(log: &EmbeddedLog) -> anyhow::Result<u64> {
-    Ok(log.describe_topic(TOPIC)?.partitions.iter().map(|p| p.size_bytes).sum())
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.starts_with("HTTP/1.1 200") && !body.contains("\"total\":0")
 }

@@ -90,12 +90,17 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
             eprintln!("polylog: warning: {what} are not built in this version yet; ignoring them");
         }
     }
-    let log: Arc<dyn Log> = Arc::new(crate::open_log(config)?);
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("installing a signal handler")?;
     }
+    run_with(config, stop)
+}
+
+/// Runs every configured source, view and sink until `stop` is set or a fatal error.
+pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let log: Arc<dyn Log> = Arc::new(crate::open_log(config)?);
     let progress = std::io::stderr().is_terminal();
     let srcs = sources(config, Arc::clone(&log), progress)?;
     let statuses: Vec<(String, Arc<Mutex<SourceStatus>>)> =

@@ -185,16 +185,64 @@ fn refusals_are_clear_and_change_nothing() {
 }
 
 #[test]
-fn quickstart_runs_on_a_fresh_machine() {
+fn quickstart_runs_the_whole_pipeline_and_serves_search() {
     let d = TempDir::new("quickstart");
-    let out = ok(d.path(), &["quickstart", "--events", "20000"], "");
-    assert!(out.contains("Done: 20000 events"), "{out}");
-    assert!(out.contains("Next, try:"), "{out}");
-    let listed = ok(d.path(), &["--data-dir", "polylog-quickstart", "topics", "list"], "");
-    assert!(listed.contains("quickstart.public.videos"), "{listed}");
-    // Running it again adds to the same topic.
-    let again = ok(d.path(), &["quickstart", "--events", "1000"], "");
-    assert!(again.contains("exists from an earlier run"), "{again}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = polylog(d.path())
+        .args(["quickstart", "--seconds", "25", "--listen", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("quickstart");
+    // Once it says what to try, the search answers with documents of the sample schema.
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut printed = String::new();
+    for line in lines.by_ref() {
+        let line = line.expect("a line");
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("Try, in another terminal") {
+            break;
+        }
+    }
+    assert!(printed.contains("3. Running"), "{printed}");
+    let body = http_get(&listen, "/v1/search/videos?q=title:rust&limit=2");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let json: serde_json::Value =
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or("")).expect("JSON");
+    assert!(json["total"].as_u64().unwrap_or(0) > 10, "{json}");
+    let hit = &json["hits"][0]["doc"];
+    assert!(hit["title"].as_str().is_some_and(|t| t.contains("rust")), "{hit}");
+    assert!(hit["publisher"]["name"].is_string() && hit["tags"].is_array(), "{hit}");
+    let one = http_get(&listen, "/v1/search/videos/%7B%22id%22:1%7D");
+    assert!(one.starts_with("HTTP/1.1 200") && one.contains("\"publisher\""), "{one}");
+    let missing = http_get(&listen, "/v1/search/nope?q=x");
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    let bad = http_get(&listen, "/v1/search/videos?q=title:(");
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    for line in lines {
+        printed.push_str(&line.expect("a line"));
+        printed.push('\n');
+    }
+    assert!(child.wait().expect("quickstart exits").success(), "{printed}");
+    assert!(printed.contains("4. Stopped"), "{printed}");
+    // Running it again starts over in the same directory.
+    let again = ok(d.path(), &["quickstart", "--seconds", "3", "--listen", &listen], "");
+    assert!(again.contains("4. Stopped"), "{again}");
+}
+
+fn http_get(listen: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(listen).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    body
 }
 
 #[test]
