@@ -28,8 +28,22 @@ pub struct QuickstartArgs {
 }
 
 const WORDS: [&str; 16] = [
-    "cats", "rust", "cooking", "travel", "chess", "guitar", "robots", "space", "coffee", "garden",
-    "running", "jazz", "origami", "sailing", "pottery", "volcanoes",
+    "cats",
+    "rust",
+    "cooking",
+    "travel",
+    "chess",
+    "guitar",
+    "robots",
+    "space",
+    "coffee",
+    "garden",
+    "running",
+    "jazz",
+    "origami",
+    "sailing",
+    "pottery",
+    "volcanoes",
 ];
 
 /// A small deterministic generator (xorshift64*), so each run looks alike.
@@ -121,9 +135,21 @@ fn change(g: &mut Gen, next_video: &mut u64) -> String {
                 1 + g.below(16)
             )
         }
-        4 | 5 => format!("UPDATE videos SET title = 'video {0} about {1}' WHERE id = {0}", 1 + g.below(*next_video), g.word()),
-        6 => format!("UPDATE publishers SET name = 'publisher {0} ({1})' WHERE id = {0}", 1 + g.below(50), g.word()),
-        7 => format!("INSERT INTO video_tags VALUES ({}, {}, 1) ON CONFLICT DO NOTHING", 1 + g.below(*next_video), 1 + g.below(16)),
+        4 | 5 => format!(
+            "UPDATE videos SET title = 'video {0} about {1}' WHERE id = {0}",
+            1 + g.below(*next_video),
+            g.word()
+        ),
+        6 => format!(
+            "UPDATE publishers SET name = 'publisher {0} ({1})' WHERE id = {0}",
+            1 + g.below(50),
+            g.word()
+        ),
+        7 => format!(
+            "INSERT INTO video_tags VALUES ({}, {}, 1) ON CONFLICT DO NOTHING",
+            1 + g.below(*next_video),
+            1 + g.below(16)
+        ),
         8 => format!("DELETE FROM video_tags WHERE video_id = {}", 1 + g.below(*next_video)),
         _ => format!("DELETE FROM videos WHERE id = {}", 1 + g.below(*next_video)),
     }
@@ -144,7 +170,10 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
     let dir = &args.dir;
     if dir.exists() {
         if !dir.join("polylog.toml").exists() {
-            bail!("{} exists and is not a quickstart directory; pass --dir <new directory>", dir.display());
+            bail!(
+                "{} exists and is not a quickstart directory; pass --dir <new directory>",
+                dir.display()
+            );
         }
         std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     }
@@ -159,7 +188,9 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
     std::fs::write(&config_path, config_text(&pg, &dir.join("data"), &listen))?;
     let config = Config::load(&config_path, true)?;
     println!("   {} (config: {})", pg.url("demo"), config_path.display());
-    println!("2. Capturing it (snapshot, then every change), keeping a document per video with its");
+    println!(
+        "2. Capturing it (snapshot, then every change), keeping a document per video with its"
+    );
     println!("   publisher and tags current, and indexing the documents for search.");
 
     let stop_arc = Arc::new(AtomicBool::new(false));
@@ -189,19 +220,32 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
             // Tell the user what to try once the first documents are searchable.
             let url = format!("http://{listen}/v1/search/videos");
             while !stop.load(Ordering::SeqCst) {
-                if search_works(&listen) {
+                if search_works(listen) {
                     println!("3. Running. Try, in another terminal:");
                     println!("     curl '{url}?q=title:rust&limit=3'");
-                    println!("     curl '{url}?q=publisher.country:jp%20AND%20tags.tag.label:cats'");
-                    println!("     curl '{url}/%7B%22id%22:1%7D'          # the document of video 1");
+                    println!(
+                        "     curl '{url}?q=publisher.country:jp%20AND%20tags.tag.label:cats'"
+                    );
+                    println!(
+                        "     curl '{url}/%7B%22id%22:1%7D'          # the document of video 1"
+                    );
                     println!("     {me} -c {} status", config_path.display());
-                    println!("     {me} -c {} topics tail views.videos -n 2", config_path.display());
-                    println!("     psql '{}' -c \"UPDATE publishers SET name = 'Acme' WHERE id = 1\"", pg.url("demo"));
+                    println!(
+                        "     {me} -c {} topics tail views.videos -n 2",
+                        config_path.display()
+                    );
+                    println!(
+                        "     psql '{}' -c \"UPDATE publishers SET name = 'Acme' WHERE id = 1\"",
+                        pg.url("demo")
+                    );
                     println!("   (a change every 200 ms meanwhile; Ctrl-C stops everything)");
                     break;
                 }
                 if started.elapsed() > Duration::from_secs(120) {
-                    println!("   the search API did not answer within 120 s; see `{me} -c {} status`", config_path.display());
+                    println!(
+                        "   the search API did not answer within 120 s; see `{me} -c {} status`",
+                        config_path.display()
+                    );
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(200));
@@ -221,10 +265,11 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
         r
     });
     result?;
-    let status: serde_json::Value = std::fs::read(config.data_dir.join("status").join("sources.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
+    let status: serde_json::Value =
+        std::fs::read(config.data_dir.join("status").join("sources.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
     println!(
         "4. Stopped: {} change events captured, {} documents written by the view, {} indexed.",
         status["sources"]["demo"]["events"].as_u64().unwrap_or(0)
