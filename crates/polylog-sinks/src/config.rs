@@ -11,6 +11,52 @@ pub enum SinkConfig {
     Search(SearchSinkConfig),
     /// JSON lines in files, rotated by size.
     File(FileSinkConfig),
+    /// Elasticsearch or OpenSearch, through `_bulk`.
+    #[serde(alias = "opensearch")]
+    Elasticsearch(ElasticsearchSinkConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElasticsearchSinkConfig {
+    /// `http://host:9200` (https is not supported yet).
+    pub url: String,
+    /// Topics to index, as `*` patterns.
+    pub topics: Vec<String>,
+    /// The index (default: the topic's name, lower-cased).
+    #[serde(default)]
+    pub index: Option<String>,
+    /// Documents per `_bulk` request.
+    #[serde(default = "default_batch_docs")]
+    pub batch_docs: usize,
+    /// Bytes per `_bulk` request (a single larger document goes alone).
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    /// Where documents the cluster rejects go, with the reason (default `dlq.<sink name>`).
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Create the index (with `mappings`, if given) when it does not exist.
+    #[serde(default = "default_true")]
+    pub create_index: bool,
+    /// The index's mappings, as JSON (`{"properties": {...}}`).
+    #[serde(default)]
+    pub mappings: Option<String>,
+    /// Per request.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_batch_docs() -> usize {
+    1_000
+}
+fn default_batch_bytes() -> usize {
+    5 * 1024 * 1024
+}
+fn default_true() -> bool {
+    true
+}
+fn default_timeout_ms() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -71,6 +117,7 @@ impl SinkConfig {
             SinkConfig::Postgres(p) => p.topics.clone(),
             SinkConfig::Search(s) => vec![s.topic.clone()],
             SinkConfig::File(f) => f.topics.clone(),
+            SinkConfig::Elasticsearch(e) => e.topics.clone(),
         }
     }
 

@@ -4,12 +4,16 @@
 //! overwrite a newer one), so any store can be rebuilt from the log (`polylog replay`).
 
 pub mod config;
+pub mod elasticsearch;
 pub mod file;
+pub mod http;
 pub mod postgres;
 pub mod runner;
 pub mod search;
 
-pub use config::{FileSinkConfig, PostgresSinkConfig, PostgresSinkMode, SinkConfig};
+pub use config::{
+    ElasticsearchSinkConfig, FileSinkConfig, PostgresSinkConfig, PostgresSinkMode, SinkConfig,
+};
 pub use runner::{Sink, SinkStatus, StartFrom};
 
 #[derive(Debug, thiserror::Error)]

@@ -28,6 +28,9 @@ pub struct SinkStatus {
     pub lag: u64,
     pub records: u64,
     pub batches: u64,
+    /// Records the target rejected, written to the dead-letter topic.
+    #[serde(default)]
+    pub dead_letters: u64,
     pub topics: Vec<String>,
     pub last_error: Option<String>,
 }
@@ -47,6 +50,7 @@ pub struct Sink {
     pub status: Mutex<SinkStatus>,
     /// Where `search` sinks keep their index (`<dir>/<name>`), and the process's indexes.
     search: Option<(PathBuf, SearchIndexes)>,
+    dead_letters: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Input {
@@ -61,7 +65,14 @@ impl Sink {
             SinkError::Config(format!("`sinks.{name}.{}", e.trim_start_matches('`')))
         })?;
         let status = SinkStatus { state: "starting".into(), ..SinkStatus::default() };
-        Ok(Sink { name: name.to_string(), cfg, log, status: Mutex::new(status), search: None })
+        Ok(Sink {
+            name: name.to_string(),
+            cfg,
+            log,
+            status: Mutex::new(status),
+            search: None,
+            dead_letters: Arc::default(),
+        })
     }
 
     /// Where a `search` sink keeps its index (`<dir>/<name>`), and the registry the API
@@ -103,6 +114,14 @@ impl Sink {
                 Box::new(crate::postgres::PostgresWriter::new(p.clone(), Arc::clone(&self.log)))
             }
             SinkConfig::File(f) => Box::new(crate::file::FileWriter::new(f.clone())),
+            SinkConfig::Elasticsearch(e) => {
+                Box::new(crate::elasticsearch::ElasticsearchWriter::new(
+                    &self.name,
+                    e.clone(),
+                    Arc::clone(&self.log),
+                    Arc::clone(&self.dead_letters),
+                )?)
+            }
             SinkConfig::Search(_) => Box::new(SearchWriter::new(self.search_index()?)),
         })
     }
@@ -234,9 +253,11 @@ impl Sink {
                 ends.into_iter().map(|((t, p), o)| (t, p, o)).collect();
             self.log.commit_offsets(&self.group(), &offsets)?;
             let n = batch.len() as u64;
+            let dead = self.dead_letters.load(Ordering::SeqCst);
             self.set_status(|s| {
                 s.records += n;
                 s.batches += 1;
+                s.dead_letters = dead;
                 s.state = "running".into();
             });
             if lag_at.elapsed() >= Duration::from_secs(1) {

@@ -339,6 +339,7 @@ fn print_sinks(config: &Config, reported: &serde_json::Value, running: bool) -> 
             }
             polylog_sinks::SinkConfig::Search(_) => "search".into(),
             polylog_sinks::SinkConfig::File(_) => "file".into(),
+            polylog_sinks::SinkConfig::Elasticsearch(_) => "elasticsearch".into(),
         };
         let (state, lag) = if running {
             (

@@ -1,5 +1,6 @@
 //! Sinks against a real Postgres.
 
+mod elasticsearch;
 mod file;
 mod postgres;
 mod search;
