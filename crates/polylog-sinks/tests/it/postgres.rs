@@ -31,6 +31,11 @@ impl<T: Send + 'static> Running<T> {
         let s = Arc::clone(&stop);
         Running { stop, handle: Some(std::thread::spawn(move || f(&s))) }
     }
+    /// Waits for the thread to finish on its own.
+    fn stop_when_done(mut self) -> T {
+        self.handle.take().expect("running").join().expect("thread")
+    }
+
     fn stop(mut self) -> T {
         self.stop.store(true, Ordering::SeqCst);
         self.handle.take().expect("running").join().expect("thread")
@@ -175,6 +180,49 @@ fn tables_are_replicated_row_for_row_and_rebuilt_by_a_replay() {
 }
 
 #[test]
+fn an_unreachable_target_is_retried_shown_in_status_and_nothing_is_skipped() {
+    let mut pg = PgCluster::start().expect("postgres");
+    pg.create_database("app").expect("db");
+    pg.create_database("replica").expect("db");
+    pg.psql("app", SCHEMA).expect("schema");
+    pg.psql("app", "INSERT INTO links SELECT g, 'b', g FROM generate_series(1, 300) g")
+        .expect("rows");
+    let dir = TempDir::new("sink-unreachable");
+    let log = open_log(dir.path());
+    {
+        let (src, running) = source(&pg, &log, dir.path());
+        wait_flushed(&pg, &src);
+        drop(running);
+    }
+    pg.stop().expect("stop Postgres");
+    let text = format!(
+        "kind = \"postgres\"\nurl = \"{}\"\ntopics = [\"app.public.links\"]\nbatch_rows = 50",
+        pg.url("replica")
+    );
+    let s = sink("replica", &text, &log);
+    let s2 = Arc::clone(&s);
+    let running = Running::start(move |stop| s2.run(stop, true));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = s.status.lock().expect("status").clone();
+        if st.state == "retrying" {
+            assert!(
+                st.last_error.as_deref().is_some_and(|e| e.contains("cannot connect")),
+                "{st:?}"
+            );
+            assert_eq!(st.records, 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "not retrying: {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pg.restart().expect("restart Postgres");
+    running.stop_when_done();
+    assert_eq!(pg.psql("replica", "SELECT count(*) FROM links").expect("count"), "300");
+    assert_eq!(s.lag().expect("lag").0, 0);
+}
+
+#[test]
 fn a_replica_table_that_is_not_the_sinks_is_refused() {
     let pg = PgCluster::start().expect("postgres");
     pg.create_database("app").expect("db");
@@ -239,6 +287,15 @@ fn documents_of_a_view_land_in_a_jsonb_table() {
     let s = sink("docs", &text, &log);
     let s2 = Arc::clone(&s);
     let sink_running = Running::start(move |stop| s2.run(stop, false));
+    // The same documents into the embedded search index.
+    let search_cfg = toml::from_str("kind = \"search\"\ntopic = \"views.videos\"").expect("config");
+    let search =
+        Arc::new(Sink::new("search", search_cfg, Arc::clone(&log)).expect("sink").with_search(
+            dir.path().join("search"),
+            polylog_sinks::search::SearchIndexes::default(),
+        ));
+    let s3 = Arc::clone(&search);
+    let search_running = Running::start(move |stop| s3.run(stop, false));
     pg.psql(
         "app",
         "UPDATE publishers SET name = 'ONE' WHERE id = 1; DELETE FROM videos WHERE id = 2;",
@@ -266,6 +323,29 @@ fn documents_of_a_view_land_in_a_jsonb_table() {
     }
     let versions = pg.psql("docs", "SELECT count(*) FROM views_videos WHERE version = (doc->>'_version')::bigint AND version > 0").expect("versions");
     assert_eq!(versions, "29");
+    // The search index holds exactly the same documents.
+    let expected: serde_json::Value = serde_json::from_str(&expected).expect("json");
+    let ix = search.search_index().expect("index");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hits = ix.search("*", 1000).expect("search");
+        let got: serde_json::Map<String, serde_json::Value> = hits["hits"]
+            .as_array()
+            .expect("hits")
+            .iter()
+            .map(|h| {
+                let mut d = h["doc"].clone();
+                d.as_object_mut().map(|o| o.remove("_version"));
+                (h["id"]["id"].to_string(), d)
+            })
+            .collect();
+        if serde_json::Value::Object(got.clone()) == expected {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the index differs:\n{got:?}\n{expected}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    search_running.stop().expect("the search sink runs");
     sink_running.stop().expect("the sink runs");
     drop(view_running);
     drop(running);
