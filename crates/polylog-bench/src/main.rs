@@ -9,6 +9,7 @@
 mod cdc;
 mod log_append;
 mod sink_postgres;
+mod sink_search;
 mod view_join;
 
 use std::path::PathBuf;
@@ -54,6 +55,11 @@ const SCENARIOS: &[(&str, &str)] = &[
         "sink_postgres",
         "changes/s replicating a backlog of row changes into a replica with the postgres sink, vs \
          psql \\copy of the same final rows (options: --changes N)",
+    ),
+    (
+        "sink_search",
+        "documents/s the search sink indexes from a view topic, vs the same documents written \
+         straight into an index in one batch (options: --documents N)",
     ),
     (
         "view_join",
@@ -108,6 +114,7 @@ fn main() -> ExitCode {
         "cdc_snapshot" => cdc::snapshot(&opts),
         "view_join" => view_join::run(&opts),
         "sink_postgres" => sink_postgres::run(&opts),
+        "sink_search" => sink_search::run(&opts),
         other => Err(format!("unknown scenario {other:?}\n{}", usage())),
     };
     match result {
