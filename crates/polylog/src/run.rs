@@ -329,8 +329,9 @@ fn print_sinks(config: &Config, reported: &serde_json::Value, running: bool) -> 
     } else {
         crate::open_log_read_only(config).ok().map(|l| Arc::new(l) as Arc<dyn Log>)
     };
-    let mut rows =
-        vec![["SINK", "KIND", "STATE", "LAG", "RECORDS", "LAST ERROR"].map(String::from).to_vec()];
+    let mut rows = vec![["SINK", "KIND", "STATE", "LAG", "RECORDS", "REJECTED", "LAST ERROR"]
+        .map(String::from)
+        .to_vec()];
     for (name, cfg) in &config.sinks {
         let r = &reported["sinks"][name];
         let kind = match cfg {
@@ -360,6 +361,7 @@ fn print_sinks(config: &Config, reported: &serde_json::Value, running: bool) -> 
             state,
             lag,
             r["records"].as_u64().map_or("-".into(), |n| n.to_string()),
+            r["dead_letters"].as_u64().map_or("-".into(), |n| n.to_string()),
             r["last_error"].as_str().unwrap_or("").to_string(),
         ]);
     }
