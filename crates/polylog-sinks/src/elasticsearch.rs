@@ -40,7 +40,32 @@ struct Op<'a> {
     item: &'a Item,
     action: String,
     source: Option<Vec<u8>>,
+    /// Why the record cannot be sent at all (it goes to the dead-letter topic).
+    invalid: Option<String>,
 }
+
+/// The version a record is indexed with: a document's `_version`; a view tombstone's
+/// version header; for change events, the change's own WAL position (later changes of a row
+/// always have higher ones, even within one transaction).
+fn record_version(r: &polylog_log::StoredRecord, doc: Option<&Value>) -> Option<u64> {
+    if let Some(v) = doc.and_then(|d| d.get("_version")).and_then(Value::as_u64) {
+        return Some(v);
+    }
+    let header = r.headers.iter().find(|(k, _)| k == VERSION_HEADER);
+    if let Some(v) = header.and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok()) {
+        return Some(v);
+    }
+    Position::from_headers(&r.headers).map(|p| {
+        if p.change_lsn > 0 {
+            p.change_lsn
+        } else {
+            p.commit_lsn
+        }
+    })
+}
+
+/// The header a view puts on its tombstones (see `polylog_views::runner::VERSION_HEADER`).
+const VERSION_HEADER: &str = "polylog.version";
 
 impl ElasticsearchWriter {
     pub fn new(
@@ -117,28 +142,41 @@ impl ElasticsearchWriter {
         let r = &item.record;
         let index = self.index_of(&item.topic);
         let id = document_id(r.key.as_deref().unwrap_or_default());
+        let mut meta = json!({"_index": index, "_id": id});
         match r.value.as_deref() {
-            None => Op {
-                item,
-                action: json!({"delete": {"_index": index, "_id": id}}).to_string(),
-                source: None,
-            },
+            None => {
+                if let Some(version) = record_version(r, None) {
+                    meta["version"] = json!(version);
+                    meta["version_type"] = json!("external");
+                }
+                Op {
+                    item,
+                    action: json!({ "delete": meta }).to_string(),
+                    source: None,
+                    invalid: None,
+                }
+            }
             Some(v) => {
-                let mut doc: Value = serde_json::from_slice(v).unwrap_or(Value::Null);
+                let Ok(mut doc) = serde_json::from_slice::<Value>(v) else {
+                    let invalid = Some("the value is not JSON".to_string());
+                    return Op { item, action: String::new(), source: None, invalid };
+                };
+                if !doc.is_object() {
+                    let invalid = Some("the value is not a JSON object".to_string());
+                    return Op { item, action: String::new(), source: None, invalid };
+                }
+                let version = record_version(r, Some(&doc));
                 // `_version` is a metadata field in Elasticsearch: it becomes the document's
                 // version rather than a field.
-                let version = doc
-                    .as_object_mut()
-                    .and_then(|o| o.remove("_version"))
-                    .and_then(|v| v.as_u64())
-                    .or_else(|| Position::from_headers(&r.headers).map(|p| p.commit_lsn));
-                let source = if doc.is_null() { v.to_vec() } else { doc.to_string().into_bytes() };
-                let mut meta = json!({"_index": index, "_id": id});
+                if let Some(o) = doc.as_object_mut() {
+                    o.remove("_version");
+                }
                 if let Some(version) = version {
                     meta["version"] = json!(version);
                     meta["version_type"] = json!("external");
                 }
-                Op { item, action: json!({ "index": meta }).to_string(), source: Some(source) }
+                let source = Some(doc.to_string().into_bytes());
+                Op { item, action: json!({ "index": meta }).to_string(), source, invalid: None }
             }
         }
     }
@@ -224,7 +262,11 @@ impl Writer for ElasticsearchWriter {
         for index in indexes {
             self.ensure_index(&index)?;
         }
-        let ops: Vec<Op<'_>> = items.iter().map(|i| self.op(i)).collect();
+        let (ops, invalid): (Vec<Op<'_>>, Vec<Op<'_>>) =
+            items.iter().map(|i| self.op(i)).partition(|op| op.invalid.is_none());
+        self.dead_letter(
+            invalid.into_iter().map(|op| (op.item, op.invalid.unwrap_or_default())).collect(),
+        )?;
         let mut start = 0;
         while start < ops.len() {
             // A request of up to `batch_docs` operations and `batch_bytes` bytes.
@@ -247,6 +289,7 @@ impl Writer for ElasticsearchWriter {
                         item: ops[i].item,
                         action: ops[i].action.clone(),
                         source: ops[i].source.clone(),
+                        invalid: None,
                     })
                     .collect();
                 let (again, bad) = self.bulk(&chunk)?;

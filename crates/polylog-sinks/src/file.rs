@@ -51,6 +51,13 @@ impl FileWriter {
         FileWriter { cfg, open: HashMap::new() }
     }
 
+    /// Makes a new file's name durable before anything in it counts as written.
+    fn sync_dir(&self) -> Result<(), SinkError> {
+        std::fs::File::open(&self.cfg.path)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(&self.cfg.path, e))
+    }
+
     fn path(&self, topic: &str, n: u64) -> PathBuf {
         self.cfg.path.join(format!("{topic}.{n:06}.jsonl"))
     }
@@ -70,6 +77,7 @@ impl FileWriter {
                 .open(&path)
                 .map_err(|e| io(&path, e))?;
             let bytes = file.metadata().map_err(|e| io(&path, e))?.len();
+            self.sync_dir()?;
             self.open.insert(topic.to_string(), Open { file, n, bytes });
         }
         let max = self.cfg.max_bytes;
@@ -86,6 +94,7 @@ impl FileWriter {
                 .append(true)
                 .open(&path)
                 .map_err(|e| io(&path, e))?;
+            self.sync_dir()?;
             self.open.insert(topic.to_string(), Open { file, n, bytes: 0 });
         }
         self.open.get_mut(topic).ok_or_else(|| SinkError::Target("no file".into()))
@@ -94,6 +103,25 @@ impl FileWriter {
 
 impl Writer for FileWriter {
     fn write(&mut self, items: &[Item]) -> Result<(), SinkError> {
+        // Where each open file ended: a failed batch is cut back to it, so its retry does not
+        // leave a partial line behind.
+        let ends: Vec<(String, u64)> =
+            self.open.iter().map(|(t, o)| (t.clone(), o.bytes)).collect();
+        let r = self.write_lines(items);
+        if r.is_err() {
+            for (topic, bytes) in ends {
+                if let Some(o) = self.open.get_mut(&topic) {
+                    let _ = o.file.set_len(bytes);
+                    o.bytes = bytes;
+                }
+            }
+        }
+        r
+    }
+}
+
+impl FileWriter {
+    fn write_lines(&mut self, items: &[Item]) -> Result<(), SinkError> {
         let mut touched: Vec<String> = Vec::new();
         for item in items {
             let mut line =

@@ -80,15 +80,17 @@ fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
     let mut out = Vec::new();
     let mut i = 0;
     loop {
-        let line_end = body[i..].windows(2).position(|w| w == b"\r\n")? + i;
-        let size_text = std::str::from_utf8(&body[i..line_end]).ok()?;
+        let rest = body.get(i..)?;
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")? + i;
+        let size_text = std::str::from_utf8(body.get(i..line_end)?).ok()?;
         let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
         i = line_end + 2;
         if size == 0 {
             return Some((status, out));
         }
-        out.extend_from_slice(body.get(i..i + size)?);
-        i += size + 2;
+        let end = i.checked_add(size)?;
+        out.extend_from_slice(body.get(i..end)?);
+        i = end.checked_add(2)?;
     }
 }
 
@@ -108,5 +110,16 @@ mod tests {
             Some((429, b"{}".to_vec()))
         );
         assert_eq!(parse_response(b"garbage"), None);
+        // Cut short, or lying about chunk sizes: no panic, no answer.
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWiki"),
+            None
+        );
+        assert_eq!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nx"
+            ),
+            None
+        );
     }
 }

@@ -29,7 +29,10 @@ use crate::config::{PostgresSinkConfig, PostgresSinkMode};
 use crate::{Item, SinkError, Writer};
 
 fn pg(e: PgError) -> SinkError {
-    if e.is_retryable() {
+    // Besides connection trouble: deadlocks, serialization failures, lock and statement
+    // timeouts pass on a retry.
+    let transient = matches!(e.code(), Some("40P01" | "40001" | "55P03" | "57014"));
+    if e.is_retryable() || transient {
         SinkError::Target(format!("the target Postgres: {e}"))
     } else {
         SinkError::Config(format!("the target Postgres: {e}"))
@@ -50,6 +53,7 @@ pub struct PostgresWriter {
     log: Arc<dyn Log>,
     conn: Option<Connection>,
     targets: HashMap<String, Target>,
+    skipped: HashMap<String, u64>,
 }
 
 /// A document and its `_version`.
@@ -58,12 +62,27 @@ type VersionedDoc = (Value, u64);
 /// The change a batch leaves for one key.
 enum Last {
     Upsert(Map<String, Value>),
+    /// An update some of whose values the source did not know (unchanged TOASTed values it
+    /// had never seen): only the columns it has are written.
+    Partial(Map<String, Value>),
     Delete(Map<String, Value>),
 }
 
 impl PostgresWriter {
     pub fn new(cfg: PostgresSinkConfig, log: Arc<dyn Log>) -> PostgresWriter {
-        PostgresWriter { cfg, log, conn: None, targets: HashMap::new() }
+        PostgresWriter { cfg, log, conn: None, targets: HashMap::new(), skipped: HashMap::new() }
+    }
+
+    /// Reports a record passed over (once per topic; the rest are counted in the log line).
+    fn skip(&mut self, item: &Item, why: &str) {
+        let n = self.skipped.entry(item.topic.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            eprintln!(
+                "polylog: postgres sink: passing over {}/{}/{}: {why} (further ones are not reported)",
+                item.topic, item.record.partition, item.record.offset
+            );
+        }
     }
 
     fn conn(&mut self) -> Result<&mut Connection, SinkError> {
@@ -199,16 +218,56 @@ impl PostgresWriter {
     }
 
     fn write_tables(&mut self, items: &[Item]) -> Result<(), SinkError> {
-        for item in items {
+        // A source's transaction and schema history topics are not tables.
+        let items: Vec<&Item> = items
+            .iter()
+            .filter(|i| !i.topic.ends_with(".transaction") && !i.topic.ends_with(".schema-history"))
+            .collect();
+        // Change events, parsed once; a record that is not one is reported and passed over.
+        let mut parsed: Vec<Option<Map<String, Value>>> = Vec::with_capacity(items.len());
+        for item in &items {
+            let r = &item.record;
+            let v = match r.value.as_deref().map(serde_json::from_slice::<Value>) {
+                None => None, // a tombstone: the delete before it did the work
+                Some(Ok(Value::Object(v)))
+                    if r.key.is_some() || v.get("op") == Some(&Value::from("t")) =>
+                {
+                    Some(v)
+                }
+                Some(_) => {
+                    self.skip(item, "not a change event with a key");
+                    None
+                }
+            };
+            parsed.push(v);
+        }
+        for item in &items {
             self.target(&item.topic)?;
+        }
+        // A column the target does not have yet: the source's table gained it; look again.
+        let mut stale: Vec<String> = Vec::new();
+        for (item, v) in items.iter().zip(&parsed) {
+            let Some(after) = v.as_ref().and_then(|v| v.get("after")).and_then(Value::as_object)
+            else {
+                continue;
+            };
+            let known = self.targets.get(&item.topic).map(|t| &t.columns);
+            if known.is_some_and(|cols| after.keys().any(|k| !cols.contains(k)))
+                && !stale.contains(&item.topic)
+            {
+                stale.push(item.topic.clone());
+            }
+        }
+        for topic in stale {
+            self.targets.remove(&topic);
+            self.target(&topic)?;
         }
         let mut statements: Vec<(String, String)> = Vec::new();
         // Per topic, the last change of each key since the last TRUNCATE.
         let mut pending: BTreeMap<String, BTreeMap<Vec<u8>, Last>> = BTreeMap::new();
-        for item in items {
+        for (item, v) in items.iter().zip(parsed) {
             let r = &item.record;
-            let Some(value) = r.value.as_deref() else { continue }; // a tombstone
-            let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(value) else { continue };
+            let Some(mut v) = v else { continue };
             let pos = Position::from_headers(&r.headers).unwrap_or(Position {
                 commit_lsn: v.get("source").and_then(|s| s["lsn"].as_u64()).unwrap_or(0),
                 change_lsn: 0,
@@ -233,10 +292,15 @@ impl PostgresWriter {
             let op = v.get("op").and_then(Value::as_str).unwrap_or_default().to_string();
             match op.as_str() {
                 "c" | "u" | "r" => {
-                    let Some(Value::Object(after)) = v.remove("after") else { continue };
+                    let Some(Value::Object(mut after)) = v.remove("after") else { continue };
                     let key = r.key.clone().unwrap_or_default();
+                    let unknown = Value::from(polylog_postgres::event::UNAVAILABLE_VALUE);
+                    let before = after.len();
+                    after.retain(|_, v| *v != unknown);
+                    let partial = after.len() < before;
                     let row = stamp(after, target);
-                    pending.entry(item.topic.clone()).or_default().insert(key, Last::Upsert(row));
+                    let last = if partial { Last::Partial(row) } else { Last::Upsert(row) };
+                    pending.entry(item.topic.clone()).or_default().insert(key, last);
                 }
                 "d" => {
                     let Some(key) = r.key.as_deref() else { continue };
@@ -274,15 +338,34 @@ impl PostgresWriter {
     /// The statements applying the last change of each key.
     fn flush_sql(&self, topic: &str, changes: BTreeMap<Vec<u8>, Last>) -> Vec<(String, String)> {
         let Some(t) = self.targets.get(topic) else { return Vec::new() };
-        let (mut upserts, mut deletes) = (Vec::new(), Vec::new());
+        let (mut upserts, mut deletes, mut partial) = (Vec::new(), Vec::new(), Vec::new());
         for (_, last) in changes {
             match last {
                 Last::Upsert(row) => upserts.push(Value::Object(row)),
+                Last::Partial(row) => partial.push(row),
                 Last::Delete(row) => deletes.push(Value::Object(row)),
             }
         }
         let mut sql = Vec::new();
         let keys: Vec<String> = t.key.iter().map(|k| quote_ident(k)).collect();
+        let on: Vec<String> = keys.iter().map(|k| format!("t.{k} = d.{k}")).collect();
+        for row in partial {
+            let set: Vec<String> = row
+                .keys()
+                .filter(|c| !t.key.contains(c))
+                .map(|c| format!("{0} = d.{0}", quote_ident(c)))
+                .collect();
+            sql.push((
+                format!(
+                    "UPDATE {name} AS t SET {set} FROM jsonb_populate_record(NULL::{name}, $1::jsonb) d \
+                     WHERE {on} AND t._polylog_position < d._polylog_position",
+                    name = t.sql_name,
+                    set = set.join(", "),
+                    on = on.join(" AND "),
+                ),
+                Value::Object(row).to_string(),
+            ));
+        }
         if !upserts.is_empty() {
             let set: Vec<String> = t
                 .columns
@@ -307,7 +390,6 @@ impl PostgresWriter {
             ), Value::Array(upserts).to_string()));
         }
         if !deletes.is_empty() {
-            let on: Vec<String> = keys.iter().map(|k| format!("t.{k} = d.{k}")).collect();
             sql.push((
                 format!(
                 "DELETE FROM {name} AS t USING jsonb_populate_recordset(NULL::{name}, $1::jsonb) d \

@@ -26,6 +26,9 @@ pub struct SinkStatus {
     pub state: String,
     /// Records in its topics not yet written.
     pub lag: u64,
+    /// When `lag` was measured (ms since the epoch).
+    #[serde(default)]
+    pub lag_ms: i64,
     pub records: u64,
     pub batches: u64,
     /// Records the target rejected, written to the dead-letter topic.
@@ -215,6 +218,11 @@ impl Sink {
                 refreshed = Some(Instant::now());
             }
             let mut batch: Vec<Item> = Vec::new();
+            // Each round starts at the next input, so a partition with a backlog does not keep
+            // the others waiting.
+            if !inputs.is_empty() {
+                inputs.rotate_left(1);
+            }
             for input in &mut inputs {
                 let room = self.batch_rows().saturating_sub(batch.len());
                 if room == 0 {
@@ -236,7 +244,10 @@ impl Sink {
                 }
                 if lag_at.elapsed() >= Duration::from_secs(1) {
                     let (lag, _) = self.lag()?;
-                    self.set_status(|s| s.lag = lag);
+                    self.set_status(|s| {
+                        s.lag = lag;
+                        s.lag_ms = polylog_log::now_ms();
+                    });
                     lag_at = Instant::now();
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -262,7 +273,10 @@ impl Sink {
             });
             if lag_at.elapsed() >= Duration::from_secs(1) {
                 let (lag, _) = self.lag()?;
-                self.set_status(|s| s.lag = lag);
+                self.set_status(|s| {
+                    s.lag = lag;
+                    s.lag_ms = polylog_log::now_ms();
+                });
                 lag_at = Instant::now();
             }
         }

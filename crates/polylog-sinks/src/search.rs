@@ -158,7 +158,16 @@ impl SearchWriter {
                     written.insert(id, None);
                 }
                 Some(value) => {
-                    let Ok(doc) = serde_json::from_slice::<Value>(value) else { continue };
+                    let doc = match serde_json::from_slice::<Value>(value) {
+                        Ok(doc) if doc.is_object() => doc,
+                        _ => {
+                            eprintln!(
+                                "polylog: search sink {}: passing over {}/{}/{}: the value is not a JSON object",
+                                ix.name, item.topic, item.record.partition, item.record.offset
+                            );
+                            continue;
+                        }
+                    };
                     let version = doc.get("_version").and_then(Value::as_u64).unwrap_or(0);
                     let current = match written.get(&id) {
                         Some(v) => *v,

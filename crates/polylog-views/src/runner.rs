@@ -39,6 +39,9 @@ const OUTPUT_BATCH: usize = 2_000;
 /// Records read from one input at a time.
 const READ_BATCH: usize = 1_000;
 const DURABLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Header of a view's tombstone: the source LSN of the change that removed the document (a
+/// document carries its version in `_version`).
+pub const VERSION_HEADER: &str = "polylog.version";
 
 #[derive(Debug, Clone)]
 pub struct ViewOptions {
@@ -665,7 +668,10 @@ impl<'v> Worker<'v> {
                     }
                     None => {
                         tombstones += 1;
-                        Record::tombstone(key)
+                        let mut t = Record::tombstone(key);
+                        // A tombstone has no `_version`: the header says which change it is.
+                        t.headers.push((VERSION_HEADER.into(), version.to_string().into_bytes()));
+                        t
                     }
                 };
                 self.pending.entry(p).or_default().push(record);

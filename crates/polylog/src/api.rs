@@ -40,20 +40,37 @@ pub fn serve(listener: TcpListener, api: Arc<Api>, stop: &AtomicBool) -> std::io
                     continue;
                 }
                 active.fetch_add(1, Ordering::SeqCst);
-                let (api, active) = (Arc::clone(&api), Arc::clone(&active));
+                let slot = Slot(Arc::clone(&active));
+                let api = Arc::clone(&api);
                 std::thread::spawn(move || {
+                    let _slot = slot; // freed however the handler ends
                     let _ = handle(&stream, &api);
-                    active.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // Out of file descriptors, say: the API waits and goes on.
+                eprintln!("polylog: API: accepting a connection: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
     }
     Ok(())
 }
+
+/// A connection slot, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Queries nested deeper than this are refused (the parser's work grows fast with nesting).
+const QUERY_NESTING_MAX: usize = 8;
 
 fn respond(mut stream: &TcpStream, status: u16, body: &Value) -> std::io::Result<()> {
     let reason = match status {
@@ -62,6 +79,7 @@ fn respond(mut stream: &TcpStream, status: u16, body: &Value) -> std::io::Result
         401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
@@ -101,13 +119,17 @@ fn decode(s: &str) -> String {
 }
 
 fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut reader = BufReader::new(stream.take(HEAD_MAX as u64 + 1));
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     let mut auth = None;
     let mut head = request_line.len();
     loop {
+        if std::time::Instant::now() > deadline {
+            return respond(stream, 408, &json!({"error": "the request head took over 10 s"}));
+        }
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
             break;
@@ -164,6 +186,22 @@ fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
                 );
             };
             let q = param("q").unwrap_or_else(|| "*".into());
+            let mut depth = 0usize;
+            let deepest = q.chars().fold(0usize, |max, c| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+                max.max(depth)
+            });
+            if deepest > QUERY_NESTING_MAX {
+                return respond(
+                    stream,
+                    400,
+                    &json!({"error": format!("the query nests parentheses deeper than {QUERY_NESTING_MAX}")}),
+                );
+            }
             let limit = match param("limit").map(|l| l.parse::<usize>()) {
                 None => 10,
                 Some(Ok(l)) if (1..=1000).contains(&l) => l,

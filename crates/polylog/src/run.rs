@@ -542,7 +542,8 @@ fn wait_caught_up(config: &Config, sink: &str, timeout: Duration) -> anyhow::Res
         let s = &reported["sinks"][sink];
         if let Some(at) = sources_there_at {
             // A lag measured after the sources got there covers everything up to the targets.
-            if updated > at + 2_500 && s["lag"].as_u64() == Some(0) {
+            let measured_after = s["lag_ms"].as_i64().is_some_and(|m| m > at);
+            if measured_after && s["state"] == "running" && s["lag"].as_u64() == Some(0) {
                 println!("sink {sink} is caught up");
                 return Ok(());
             }

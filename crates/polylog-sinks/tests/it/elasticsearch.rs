@@ -86,6 +86,13 @@ fn doc(id: u64, n: &str, version: u64) -> Record {
     )
 }
 
+/// A view's tombstone: it carries the version of the change that removed the document.
+fn versioned_tombstone(id: u64, version: u64) -> Record {
+    let mut r = Record::tombstone(format!("{{\"id\":{id}}}"));
+    r.headers.push(("polylog.version".into(), version.to_string().into_bytes()));
+    r
+}
+
 #[test]
 fn documents_are_indexed_by_version_and_rejects_go_to_the_dead_letter_topic() {
     let es = cluster();
@@ -104,6 +111,10 @@ fn documents_are_indexed_by_version_and_rejects_go_to_the_dead_letter_topic() {
             Record::tombstone("{\"id\":4}"), // nothing to delete: a 404
             doc(5, "5", 1),
             Record::tombstone("{\"id\":5}"),
+            // Deleted at 150, then back at 200: a replay must not delete it again.
+            doc(6, "6", 100),
+            versioned_tombstone(6, 150),
+            doc(6, "66", 200),
         ],
     )
     .expect("append");
@@ -147,6 +158,8 @@ fn documents_are_indexed_by_version_and_rejects_go_to_the_dead_letter_topic() {
     sink.reset(polylog_sinks::StartFrom::Beginning).expect("reset");
     sink.run(&AtomicBool::new(false), true).expect("replay");
     assert_eq!(get(&es.url, "/items/_doc/1").1["_source"]["n"], 11);
+    let six = get(&es.url, "/items/_doc/6");
+    assert_eq!((six.0, six.1["_source"]["n"].clone()), (200, serde_json::json!(66)), "{}", six.1);
 }
 
 /// A server that answers `_bulk` with 429 the first `refusals` times, then accepts everything.
