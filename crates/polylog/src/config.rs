@@ -151,6 +151,28 @@ pub struct CollectorConfig {
     pub listen: String,
     /// Topic accepted events are appended to.
     pub topic: String,
+    /// Largest request body, compressed and once decompressed.
+    #[serde(default = "default_body_max_bytes")]
+    pub body_max_bytes: usize,
+    /// Most events in one request.
+    #[serde(default = "default_events_max")]
+    pub events_max: usize,
+    /// Days a key for hashing user ids is kept before it is discarded.
+    #[serde(default = "default_keep_key_days")]
+    pub keep_key_days: u32,
+    /// Site domain → category (a domain matches itself and its subdomains).
+    #[serde(default)]
+    pub site_categories: BTreeMap<String, String>,
+}
+
+fn default_body_max_bytes() -> usize {
+    8 * 1024 * 1024
+}
+fn default_events_max() -> usize {
+    10_000
+}
+fn default_keep_key_days() -> u32 {
+    2
 }
 
 fn default_collector_listen() -> String {

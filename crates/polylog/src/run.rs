@@ -80,12 +80,14 @@ fn views(config: &Config, log: Arc<dyn Log>) -> anyhow::Result<Vec<(String, View
 /// Runs every configured source, then every view and sink, until Ctrl-C / SIGTERM or a fatal
 /// error.
 pub fn run(config: &Config) -> anyhow::Result<()> {
-    if config.sources.is_empty() && config.views.is_empty() && config.sinks.is_empty() {
-        bail!("nothing to run: the config has no [sources.*], [views.*] or [sinks.*] table");
-    }
-    for (what, n) in
-        [("rollups", config.rollups.len()), ("collector", usize::from(config.collector.is_some()))]
+    if config.sources.is_empty()
+        && config.views.is_empty()
+        && config.sinks.is_empty()
+        && config.collector.is_none()
     {
+        bail!("nothing to run: the config has no [sources.*], [views.*], [sinks.*] or [collector] table");
+    }
+    for (what, n) in [("rollups", config.rollups.len())] {
         if n > 0 {
             eprintln!("polylog: warning: {what} are not built in this version yet; ignoring them");
         }
@@ -124,6 +126,27 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             None
         };
     let api = Arc::new(crate::api::Api { indexes: Arc::clone(&indexes), token: api_token(config) });
+    let collector = match &config.collector {
+        None => None,
+        Some(c) => {
+            let mut opts = polylog_events::CollectorOptions::new(&c.topic);
+            opts.partitions = config.log.partitions.max(1);
+            opts.body_max = c.body_max_bytes;
+            opts.events_max = c.events_max;
+            opts.keep_days = c.keep_key_days;
+            opts.site_categories = c.site_categories.clone();
+            let collector = polylog_events::Collector::new(
+                opts,
+                Arc::clone(&log),
+                &config.data_dir.join("collector"),
+            )?;
+            let l = std::net::TcpListener::bind(&c.listen)
+                .with_context(|| format!("`collector.listen`: cannot listen on {}", c.listen))?;
+            eprintln!("polylog: collector on http://{}/v1/events, writing {}", c.listen, c.topic);
+            Some((Arc::new(collector), l))
+        }
+    };
+    let collector_stats = collector.as_ref().map(|(c, _)| Arc::clone(c));
     let failed = Mutex::new(Vec::new());
     let fail = |what: String| {
         eprintln!("polylog: {what}");
@@ -168,6 +191,14 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 }
             });
         }
+        if let Some((collector, listener)) = collector {
+            let (stop, fail) = (&stop, &fail);
+            scope.spawn(move || {
+                if let Err(e) = collector.serve(listener, stop) {
+                    fail(format!("the collector stopped: {e}"));
+                }
+            });
+        }
         if let Some(listener) = listener {
             let (stop, fail, api) = (&stop, &fail, Arc::clone(&api));
             scope.spawn(move || {
@@ -187,10 +218,10 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
-                write_status(config, &statuses, &views, &sinks);
+                write_status(config, &statuses, &views, &sinks, collector_stats.as_deref());
                 std::thread::sleep(STATUS_INTERVAL);
             }
-            write_status(config, &statuses, &views, &sinks);
+            write_status(config, &statuses, &views, &sinks, collector_stats.as_deref());
         });
     });
     let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -206,6 +237,7 @@ fn write_status(
     statuses: &[(String, Arc<Mutex<SourceStatus>>)],
     views: &[(String, View)],
     sinks: &[(String, Sink)],
+    collector: Option<&polylog_events::Collector>,
 ) {
     let map: BTreeMap<&str, SourceStatus> = statuses
         .iter()
@@ -226,6 +258,11 @@ fn write_status(
         "sources": map,
         "views": view_map,
         "sinks": sink_map,
+        "collector": collector.map(|c| serde_json::json!({
+            "requests": c.stats.requests.load(Ordering::Relaxed),
+            "accepted": c.stats.accepted.load(Ordering::Relaxed),
+            "rejected": c.stats.rejected.load(Ordering::Relaxed),
+        })),
     });
     let _ = std::fs::create_dir_all(path.parent().unwrap_or(&config.data_dir))
         .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(&body).unwrap_or_default()))
@@ -250,8 +287,12 @@ pub fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
     if let Some(sink) = &args.wait_caught_up {
         return wait_caught_up(config, sink, Duration::from_secs(args.timeout));
     }
-    if config.sources.is_empty() && config.views.is_empty() && config.sinks.is_empty() {
-        println!("no sources, views or sinks configured");
+    if config.sources.is_empty()
+        && config.views.is_empty()
+        && config.sinks.is_empty()
+        && config.collector.is_none()
+    {
+        println!("no sources, views, sinks or collector configured");
         return Ok(());
     }
     let reported: serde_json::Value = std::fs::read(status_path(config))
@@ -318,6 +359,24 @@ pub fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             println!();
         }
         print_sinks(config, &reported, running)?;
+    }
+    if let Some(c) = &config.collector {
+        let r = &reported["collector"];
+        let n = |k: &str| r[k].as_u64().map_or("-".to_string(), |v| v.to_string());
+        println!();
+        let rows = vec![
+            ["COLLECTOR", "STATE", "REQUESTS", "EVENTS ACCEPTED", "EVENTS REJECTED"]
+                .map(String::from)
+                .to_vec(),
+            vec![
+                format!("{} → {}", c.listen, c.topic),
+                if running { "running".into() } else { "not running".into() },
+                n("requests"),
+                n("accepted"),
+                n("rejected"),
+            ],
+        ];
+        print_table(&mut std::io::stdout().lock(), &rows)?;
     }
     Ok(())
 }

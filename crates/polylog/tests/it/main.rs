@@ -462,3 +462,64 @@ fn run_cmd_status(dir: &Path, args: &[&str]) -> (bool, String) {
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
     )
 }
+
+#[test]
+fn run_collects_events_anonymized_and_status_counts_them() {
+    let d = TempDir::new("collect");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    std::fs::write(
+        d.path().join("polylog.toml"),
+        format!(
+            "[collector]\nlisten = \"127.0.0.1:{port}\"\ntopic = \"events.viewability\"\n\
+             site_categories = {{ \"example.com\" = \"news\" }}\n"
+        ),
+    )
+    .expect("config");
+    let run = polylog(d.path())
+        .args(["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis();
+    let body = format!(
+        "{{\"type\":\"impression\",\"ts\":{now},\"impression_id\":\"i1\",\"campaign_id\":\"c1\",\"site_domain\":\"example.com\",\"ip\":\"192.0.2.55\",\"user_id\":\"u-canary\"}}\n{{\"type\":\"bogus\"}}\n"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::Read;
+            write!(
+                s,
+                "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .expect("post");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("answer");
+            break out;
+        }
+        assert!(Instant::now() < deadline, "the collector did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("\"accepted\":1"), "{answer}");
+    assert!(answer.contains("must be impression, viewability or click"), "{answer}");
+    let tail = run_cmd(d.path(), &["topics", "tail", "events.viewability", "--from-beginning"]);
+    let events = lines(&tail);
+    assert_eq!(events.len(), 1, "{tail}");
+    assert_eq!(events[0]["value"]["ip_prefix"], "192.0.2.0/24");
+    assert_eq!(events[0]["value"]["site_category"], "news");
+    assert!(!tail.contains("192.0.2.55") && !tail.contains("u-canary"), "{tail}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = ok(d.path(), &["status"], "");
+    assert!(status.contains("COLLECTOR") && status.contains("running"), "{status}");
+    Command::new("kill").args(["-TERM", &run.id().to_string()]).status().expect("kill");
+    let out = run.wait_with_output().expect("run exits");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

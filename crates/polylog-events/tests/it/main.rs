@@ -1,0 +1,4 @@
+//! The collector over HTTP: good events stored anonymized and durable, bad input answered
+//! with a 4xx and its reason, no raw IP or user id on disk.
+
+mod collector;
