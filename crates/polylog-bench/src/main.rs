@@ -7,6 +7,7 @@
 //! ```
 
 mod cdc;
+mod events_ingest;
 mod log_append;
 mod sink_postgres;
 mod sink_search;
@@ -62,6 +63,11 @@ const SCENARIOS: &[(&str, &str)] = &[
          straight into an index in one batch (options: --documents N)",
     ),
     (
+        "events_ingest",
+        "events/s through the HTTP collector (validate, anonymize, categorize, durable append), vs \
+         write+fsync of the same request bytes (options: --requests N, --events-per-request N, --clients N)",
+    ),
+    (
         "view_join",
         "input changes/s through a videos+publisher+tags view, vs querying Postgres for each \
          change's documents (options: --videos N, --changes N, --baseline-changes N, --cache-mb N)",
@@ -113,6 +119,7 @@ fn main() -> ExitCode {
         "cdc_stream" => cdc::stream(&opts),
         "cdc_snapshot" => cdc::snapshot(&opts),
         "view_join" => view_join::run(&opts),
+        "events_ingest" => events_ingest::run(&opts),
         "sink_postgres" => sink_postgres::run(&opts),
         "sink_search" => sink_search::run(&opts),
         other => Err(format!("unknown scenario {other:?}\n{}", usage())),
