@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -268,34 +268,16 @@ impl Collector {
         listener: TcpListener,
         stop: &AtomicBool,
     ) -> std::io::Result<()> {
-        listener.set_nonblocking(true)?;
-        let active = Arc::new(AtomicUsize::new(0));
-        while !stop.load(Ordering::SeqCst) {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nonblocking(false);
-                    if active.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
-                        let _ = respond(&stream, &refuse(503, "too many connections"));
-                        continue;
-                    }
-                    active.fetch_add(1, Ordering::SeqCst);
-                    let slot = Slot(Arc::clone(&active));
-                    let me = Arc::clone(self);
-                    std::thread::spawn(move || {
-                        let _slot = slot;
-                        let _ = me.handle(&stream);
-                    });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => {
-                    eprintln!("polylog: collector: accepting a connection: {e}");
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-        }
-        Ok(())
+        let me = Arc::clone(self);
+        crate::server::serve(
+            listener,
+            stop,
+            CONNECTIONS_MAX,
+            "collector",
+            Arc::new(move |stream: &TcpStream| {
+                let _ = me.handle(stream);
+            }),
+        )
     }
 
     fn handle(&self, stream: &TcpStream) -> std::io::Result<()> {
@@ -379,14 +361,6 @@ impl Collector {
         reader.read_exact(&mut body)?;
         let answer = self.ingest(&body, gzip, polylog_log::now_ms());
         respond(stream, &answer)
-    }
-}
-
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

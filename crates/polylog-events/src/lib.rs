@@ -9,6 +9,7 @@ pub mod anonymize;
 pub mod categorize;
 pub mod collector;
 pub mod model;
+pub mod server;
 
 pub use anonymize::Anonymizer;
 pub use collector::{Collector, CollectorOptions};

@@ -62,6 +62,19 @@ impl FileWriter {
         self.cfg.path.join(format!("{topic}.{n:06}.jsonl"))
     }
 
+    /// Opens (creating) file `n` of a topic, its name made durable.
+    fn open_file(&self, topic: &str, n: u64) -> Result<Open, SinkError> {
+        let path = self.path(topic, n);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        let bytes = file.metadata().map_err(|e| io(&path, e))?.len();
+        self.sync_dir()?;
+        Ok(Open { file, n, bytes })
+    }
+
     /// The file a topic's lines go to now: the newest one, or the next when it is full.
     fn file(&mut self, topic: &str) -> Result<&mut Open, SinkError> {
         if !self.open.contains_key(topic) {
@@ -70,15 +83,8 @@ impl FileWriter {
             while self.path(topic, n + 1).exists() {
                 n += 1;
             }
-            let path = self.path(topic, n);
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| io(&path, e))?;
-            let bytes = file.metadata().map_err(|e| io(&path, e))?.len();
-            self.sync_dir()?;
-            self.open.insert(topic.to_string(), Open { file, n, bytes });
+            let open = self.open_file(topic, n)?;
+            self.open.insert(topic.to_string(), open);
         }
         let max = self.cfg.max_bytes;
         let full = self.open.get(topic).is_some_and(|o| o.bytes >= max);
@@ -88,14 +94,8 @@ impl FileWriter {
                 old.file.sync_data().map_err(|e| io(&self.cfg.path, e))?;
             }
             let n = self.open.get(topic).map_or(0, |o| o.n) + 1;
-            let path = self.path(topic, n);
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| io(&path, e))?;
-            self.sync_dir()?;
-            self.open.insert(topic.to_string(), Open { file, n, bytes: 0 });
+            let open = self.open_file(topic, n)?;
+            self.open.insert(topic.to_string(), open);
         }
         self.open.get_mut(topic).ok_or_else(|| SinkError::Target("no file".into()))
     }

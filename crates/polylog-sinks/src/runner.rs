@@ -242,14 +242,7 @@ impl Sink {
                 {
                     return Ok(());
                 }
-                if lag_at.elapsed() >= Duration::from_secs(1) {
-                    let (lag, _) = self.lag()?;
-                    self.set_status(|s| {
-                        s.lag = lag;
-                        s.lag_ms = polylog_log::now_ms();
-                    });
-                    lag_at = Instant::now();
-                }
+                self.refresh_lag(&mut lag_at)?;
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
@@ -271,15 +264,21 @@ impl Sink {
                 s.dead_letters = dead;
                 s.state = "running".into();
             });
-            if lag_at.elapsed() >= Duration::from_secs(1) {
-                let (lag, _) = self.lag()?;
-                self.set_status(|s| {
-                    s.lag = lag;
-                    s.lag_ms = polylog_log::now_ms();
-                });
-                lag_at = Instant::now();
-            }
+            self.refresh_lag(&mut lag_at)?;
         }
+    }
+
+    /// Measures the lag for the status, at most once a second.
+    fn refresh_lag(&self, at: &mut Instant) -> Result<(), SinkError> {
+        if at.elapsed() >= Duration::from_secs(1) {
+            let (lag, _) = self.lag()?;
+            self.set_status(|s| {
+                s.lag = lag;
+                s.lag_ms = polylog_log::now_ms();
+            });
+            *at = Instant::now();
+        }
+        Ok(())
     }
 
     fn open_new_inputs(

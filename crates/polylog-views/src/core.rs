@@ -76,20 +76,7 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 /// Keys (with `prefix` removed) of every entry starting with `prefix`.
 fn scan(t: &StateTable<'_>, prefix: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, ViewError> {
-    let mut out = Vec::new();
-    let iter = match prefix_end(prefix) {
-        Some(end) => t.range(prefix..end.as_slice()),
-        None => t.range(prefix..),
-    }
-    .map_err(store_err)?;
-    for entry in iter {
-        let (k, _) = entry.map_err(store_err)?;
-        out.push(k.value()[prefix.len()..].to_vec());
-        if out.len() >= limit {
-            break;
-        }
-    }
-    Ok(out)
+    scan_from(t, prefix, prefix, limit)
 }
 
 fn get_row(t: &StateTable<'_>, node: usize, pk: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {

@@ -12,7 +12,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,44 +29,10 @@ pub struct Api {
 
 /// Serves until `stop` is set.
 pub fn serve(listener: TcpListener, api: Arc<Api>, stop: &AtomicBool) -> std::io::Result<()> {
-    listener.set_nonblocking(true)?;
-    let active = Arc::new(AtomicUsize::new(0));
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                if active.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
-                    let _ = respond(&stream, 503, &json!({"error": "too many connections"}));
-                    continue;
-                }
-                active.fetch_add(1, Ordering::SeqCst);
-                let slot = Slot(Arc::clone(&active));
-                let api = Arc::clone(&api);
-                std::thread::spawn(move || {
-                    let _slot = slot; // freed however the handler ends
-                    let _ = handle(&stream, &api);
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => {
-                // Out of file descriptors, say: the API waits and goes on.
-                eprintln!("polylog: API: accepting a connection: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A connection slot, given back when dropped.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
+    let handler = Arc::new(move |stream: &TcpStream| {
+        let _ = handle(stream, &api);
+    });
+    polylog_events::server::serve(listener, stop, CONNECTIONS_MAX, "API", handler)
 }
 
 /// Queries nested deeper than this are refused (the parser's work grows fast with nesting).

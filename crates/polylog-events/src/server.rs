@@ -1,0 +1,62 @@
+//! The connection loop of Polylog's HTTP endpoints (the collector, the API): a thread per
+//! connection, at most `connections_max` at once (the rest get a 503), until `stop` is set.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A connection slot, given back when dropped (however the handler ends).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves connections with `handle` until `stop` is set.
+pub fn serve(
+    listener: TcpListener,
+    stop: &AtomicBool,
+    connections_max: usize,
+    what: &str,
+    handle: Arc<dyn Fn(&TcpStream) + Send + Sync>,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let active = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                if active.load(Ordering::SeqCst) >= connections_max {
+                    let body = b"{\"error\":\"too many connections\"}";
+                    let _ = write!(
+                        &stream,
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .and_then(|()| (&stream).write_all(body));
+                    continue;
+                }
+                active.fetch_add(1, Ordering::SeqCst);
+                let slot = Slot(Arc::clone(&active));
+                let handle = Arc::clone(&handle);
+                std::thread::spawn(move || {
+                    let _slot = slot;
+                    handle(&stream);
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                // Out of file descriptors, say: wait and go on.
+                eprintln!("polylog: {what}: accepting a connection: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    Ok(())
+}
