@@ -79,8 +79,13 @@ pub struct Collector {
     opts: CollectorOptions,
     log: Arc<dyn Log>,
     anonymizer: Anonymizer,
+    /// User agents seen lately and what they say (traffic repeats a few thousand of them).
+    agents: std::sync::Mutex<std::collections::HashMap<String, crate::categorize::Agent>>,
     pub stats: CollectorStats,
 }
+
+/// User agents remembered before the memory is emptied.
+const AGENTS_MAX: usize = 10_000;
 
 /// An HTTP answer: status and JSON body.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,12 +136,33 @@ impl Collector {
         }
         let anonymizer = Anonymizer::open(state_dir, opts.keep_days)
             .map_err(|e| CollectorError::Keys(format!("{}: {e}", state_dir.display())))?;
-        Ok(Collector { opts, log, anonymizer, stats: CollectorStats::default() })
+        Ok(Collector {
+            opts,
+            log,
+            anonymizer,
+            agents: Default::default(),
+            stats: CollectorStats::default(),
+        })
     }
 
     /// Turns a checked event into what is stored.
     fn event(&self, raw: RawEvent, now_ms: i64) -> std::io::Result<Event> {
-        let agent = user_agent(raw.user_agent.as_deref());
+        let agent = {
+            let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+            match raw.user_agent.as_deref().and_then(|ua| agents.get(ua)) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = user_agent(raw.user_agent.as_deref());
+                    if let Some(ua) = &raw.user_agent {
+                        if agents.len() >= AGENTS_MAX {
+                            agents.clear();
+                        }
+                        agents.insert(ua.clone(), a.clone());
+                    }
+                    a
+                }
+            }
+        };
         let user_hash = match &raw.user_id {
             Some(u) => self.anonymizer.user_hash(raw.ts_ms, now_ms, u)?,
             None => None,
