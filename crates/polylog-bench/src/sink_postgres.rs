@@ -13,7 +13,7 @@ use polylog_log::{
 };
 use polylog_postgres::event::Position;
 use polylog_sinks::{Sink, SinkConfig};
-use polylog_testkit::PgCluster;
+use polylog_testkit::{PgCluster, Rng};
 
 use crate::{Opts, ScratchDir};
 
@@ -48,17 +48,10 @@ pub fn run(opts: &Opts) -> Result<(), String> {
         .map_err(err)?;
 
     let mut finals: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut seed = 7u64;
+    let mut rng = Rng::new(7);
     let mut pending: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
     for i in 0..n {
-        let id = if i < inserts {
-            i + 1
-        } else {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 33) % inserts + 1
-        };
+        let id = if i < inserts { i + 1 } else { rng.below(inserts) + 1 };
         let v = i;
         finals.insert(id, v);
         let commit = 1_000_000 + (i / 10) * 100;

@@ -17,7 +17,7 @@ use polylog_log::{
 };
 use polylog_postgres::event::Position;
 use polylog_postgres::wire::{ConnectParams, Connection};
-use polylog_testkit::PgCluster;
+use polylog_testkit::{PgCluster, Rng};
 use polylog_views::{View, ViewConfig, ViewOptions};
 
 use crate::{Opts, ScratchDir};
@@ -54,18 +54,6 @@ impl Shape {
     }
 }
 
-/// A SplitMix64 generator: the same changes for Polylog and the baseline.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) % n.max(1)
-    }
-}
-
 /// One row change: table, key, row (`None`: deleted).
 struct Change {
     table: &'static str,
@@ -74,7 +62,8 @@ struct Change {
 }
 
 fn changes(shape: &Shape, n: u64) -> Vec<Change> {
-    let mut rng = Rng(7);
+    // Seeded: the same changes for Polylog and the baseline.
+    let mut rng = Rng::new(7);
     let tags = shape.videos * TAGS_PER_VIDEO;
     (0..n)
         .map(|i| match rng.below(1000) {

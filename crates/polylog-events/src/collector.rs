@@ -13,7 +13,7 @@
 //! `header_timeout` or is over 16 KiB, an unsupported content encoding.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -202,7 +202,7 @@ impl Collector {
         if body.len() > max {
             return refuse(413, format!("the body is over {max} bytes"));
         }
-        let plain: Vec<u8> = if gzip {
+        let plain: std::borrow::Cow<'_, [u8]> = if gzip {
             let mut out = Vec::new();
             let mut d = flate2::read::GzDecoder::new(body).take(max as u64 + 1);
             if let Err(e) = d.read_to_end(&mut out) {
@@ -211,9 +211,9 @@ impl Collector {
             if out.len() > max {
                 return refuse(413, format!("the body is over {max} bytes once decompressed"));
             }
-            out
+            out.into()
         } else {
-            body.to_vec()
+            body.into()
         };
         let trimmed = plain.trim_ascii_start();
         // A JSON array, or NDJSON: one value per line.
@@ -390,15 +390,6 @@ impl Collector {
     }
 }
 
-fn respond(mut stream: &TcpStream, a: &Answer) -> std::io::Result<()> {
-    let body = serde_json::to_vec(&a.body).unwrap_or_default();
-    write!(
-        stream,
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        a.status,
-        if a.status < 400 { "OK" } else { "Refused" },
-        body.len()
-    )?;
-    stream.write_all(&body)?;
-    stream.flush()
+fn respond(stream: &TcpStream, a: &Answer) -> std::io::Result<()> {
+    crate::server::respond(stream, a.status, &a.body)
 }

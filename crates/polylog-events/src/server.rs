@@ -16,6 +16,36 @@ impl Drop for Slot {
     }
 }
 
+/// Writes a JSON answer and ends the exchange (`Connection: close`).
+pub fn respond(
+    mut stream: &TcpStream,
+    status: u16,
+    body: &serde_json::Value,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(&body)?;
+    stream.flush()
+}
+
 /// Serves connections with `handle` until `stop` is set.
 pub fn serve(
     listener: TcpListener,
@@ -31,13 +61,11 @@ pub fn serve(
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
                 if active.load(Ordering::SeqCst) >= connections_max {
-                    let body = b"{\"error\":\"too many connections\"}";
-                    let _ = write!(
+                    let _ = respond(
                         &stream,
-                        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    )
-                    .and_then(|()| (&stream).write_all(body));
+                        503,
+                        &serde_json::json!({"error": "too many connections"}),
+                    );
                     continue;
                 }
                 active.fetch_add(1, Ordering::SeqCst);

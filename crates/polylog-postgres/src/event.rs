@@ -8,6 +8,9 @@ use crate::types::{text_to_json, PgType};
 
 /// Header carrying a record's position in the change stream (see [`Position`]).
 pub const POSITION_HEADER: &str = "polylog.position";
+/// Header of a view's tombstone: the source LSN of the change that removed its document (a
+/// document carries its version in `_version`).
+pub const VERSION_HEADER: &str = "polylog.version";
 /// The value of an unchanged TOAST column whose previous value Polylog does not know.
 pub const UNAVAILABLE_VALUE: &str = "__polylog_unavailable_value";
 

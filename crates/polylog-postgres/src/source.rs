@@ -88,6 +88,21 @@ pub fn default_object_name(source: &str) -> String {
     format!("polylog_{}", topic_safe(source).replace(['.', '-'], "_").to_lowercase())
 }
 
+/// For a table topic `<prefix>.<schema>.<table>` written by a Polylog source, the source's
+/// topic `<prefix>.<suffix>` (`transaction`, `schema-history`) found among `topics`, and the
+/// table's name as the topic spells it (`schema.table`). The longest prefix that has one wins.
+pub fn sibling_topic(
+    topics: &[String],
+    table_topic: &str,
+    suffix: &str,
+) -> Option<(String, String)> {
+    let dots: Vec<usize> = table_topic.match_indices('.').map(|(i, _)| i).collect();
+    dots.iter().rev().find_map(|&i| {
+        let sibling = format!("{}.{suffix}", &table_topic[..i]);
+        topics.contains(&sibling).then(|| (sibling, table_topic[i + 1..].to_string()))
+    })
+}
+
 /// A name as it appears in topic names: characters Kafka does not allow become `_`.
 pub fn topic_safe(s: &str) -> String {
     s.chars()

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use polylog_log::{Log, LogError, Record, TopicConfig};
-use polylog_postgres::event::Position;
+use polylog_postgres::event::{Position, VERSION_HEADER};
 use serde_json::{json, Value};
 
 use crate::config::ElasticsearchSinkConfig;
@@ -63,9 +63,6 @@ fn record_version(r: &polylog_log::StoredRecord, doc: Option<&Value>) -> Option<
         }
     })
 }
-
-/// The header a view puts on its tombstones (see `polylog_views::runner::VERSION_HEADER`).
-const VERSION_HEADER: &str = "polylog.version";
 
 impl ElasticsearchWriter {
     pub fn new(

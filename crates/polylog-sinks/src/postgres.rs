@@ -137,16 +137,7 @@ impl PostgresWriter {
             return Ok(());
         }
         let topics = self.log.topics()?;
-        let (history, table) = topic
-            .match_indices('.')
-            .map(|(i, _)| i)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .find_map(|i| {
-                let h = format!("{}.schema-history", &topic[..i]);
-                topics.contains(&h).then(|| (h, topic[i + 1..].to_string()))
-            })
+        let (history, table) = polylog_postgres::source::sibling_topic(&topics, topic, "schema-history")
             .ok_or_else(|| {
                 SinkError::Config(format!(
                     "topic {topic:?}: no schema recorded for it (table mode replicates the table topics of a Polylog CDC source)"

@@ -158,7 +158,8 @@ fn make_certificates(dir: &Path) -> Result<()> {
         .map_err(|e| TestkitError(e.to_string()))
 }
 
-fn free_port() -> Result<u16> {
+/// A TCP port on 127.0.0.1 that nothing listens on (at the moment of asking).
+pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| TestkitError(format!("no free port: {e}")))?;
     l.local_addr().map(|a| a.port()).map_err(|e| TestkitError(e.to_string()))

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use polylog_log::{partition_for_key, Log, LogError, LogReader, Record, StartAt, TopicConfig};
+use polylog_postgres::source::sibling_topic;
 use redb::{Database, Durability};
 use serde::Serialize;
 use serde_json::Value;
@@ -39,9 +40,7 @@ const OUTPUT_BATCH: usize = 2_000;
 /// Records read from one input at a time.
 const READ_BATCH: usize = 1_000;
 const DURABLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Header of a view's tombstone: the source LSN of the change that removed the document (a
-/// document carries its version in `_version`).
-pub const VERSION_HEADER: &str = "polylog.version";
+pub use polylog_postgres::event::VERSION_HEADER;
 
 #[derive(Debug, Clone)]
 pub struct ViewOptions {
@@ -121,19 +120,23 @@ impl View {
                 )));
             }
         }
+        // Each topic's schema history and table name, and what the histories record.
+        let mut tables: HashMap<&str, (String, String)> = HashMap::new();
         let mut histories: HashMap<String, HashMap<String, Value>> = HashMap::new();
         for topic in self.spec.topics() {
-            let Some((prefix, _)) = split_table_topic(topic) else { continue };
-            let history = format!("{prefix}.schema-history");
-            if topics.contains(&history) && !histories.contains_key(&history) {
+            let Some((history, table)) = sibling_topic(&topics, topic, "schema-history") else {
+                continue;
+            };
+            if !histories.contains_key(&history) {
                 let recorded =
                     polylog_postgres::source::read_recorded_schemas(&*self.log, &history)?;
-                histories.insert(history, recorded);
+                histories.insert(history.clone(), recorded);
             }
+            tables.insert(topic, (history, table));
         }
         self.spec.check_columns(|topic| {
-            let (prefix, table) = split_table_topic(topic)?;
-            let columns = histories.get(&format!("{prefix}.schema-history"))?.get(&table)?;
+            let (history, table) = tables.get(topic)?;
+            let columns = histories.get(history)?.get(table)?;
             Some(
                 columns
                     .as_array()?
@@ -268,23 +271,6 @@ impl View {
         }
         Ok(db)
     }
-}
-
-/// Splits `<prefix>.<schema>.<table>` into the prefix and `schema.table`.
-fn split_table_topic(topic: &str) -> Option<(String, String)> {
-    let mut parts = topic.rsplitn(3, '.');
-    let (table, schema, prefix) = (parts.next()?, parts.next()?, parts.next()?);
-    Some((prefix.to_string(), format!("{schema}.{table}")))
-}
-
-/// The transaction topic of the CDC source that writes `topic` (`<prefix>.transaction` for
-/// the longest prefix that has one), and the table's name as the topic spells it.
-fn find_feed(topics: &[String], topic: &str) -> Option<(String, String)> {
-    let dots: Vec<usize> = topic.match_indices('.').map(|(i, _)| i).collect();
-    dots.iter().rev().find_map(|&i| {
-        let feed = format!("{}.transaction", &topic[..i]);
-        topics.contains(&feed).then(|| (feed, topic[i + 1..].to_string()))
-    })
 }
 
 #[derive(Default, Serialize, serde::Deserialize)]
@@ -425,7 +411,9 @@ impl<'v> Worker<'v> {
             if self.inputs[i].tx.is_some() {
                 continue;
             }
-            let Some((feed_topic, table)) = find_feed(&topics, &self.inputs[i].topic) else {
+            let Some((feed_topic, table)) =
+                sibling_topic(&topics, &self.inputs[i].topic, "transaction")
+            else {
                 continue;
             };
             let f = match self.feeds.iter().position(|f| f.topic == feed_topic) {

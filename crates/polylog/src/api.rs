@@ -10,12 +10,13 @@
 //! Requests are small GETs: a request head over 16 KiB is refused; at most 64 connections are
 //! served at once.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use polylog_events::server::respond;
 use polylog_sinks::search::SearchIndexes;
 use serde_json::{json, Value};
 
@@ -37,27 +38,6 @@ pub fn serve(listener: TcpListener, api: Arc<Api>, stop: &AtomicBool) -> std::io
 
 /// Queries nested deeper than this are refused (the parser's work grows fast with nesting).
 const QUERY_NESTING_MAX: usize = 8;
-
-fn respond(mut stream: &TcpStream, status: u16, body: &Value) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
-    let body = serde_json::to_vec(body).unwrap_or_default();
-    write!(
-        stream,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    stream.write_all(&body)?;
-    stream.flush()
-}
 
 /// Decodes `%XX` and `+` in a URL component.
 fn decode(s: &str) -> String {

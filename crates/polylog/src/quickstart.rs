@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use polylog_testkit::PgCluster;
+use polylog_testkit::{PgCluster, Rng};
 
 use crate::config::Config;
 
@@ -46,18 +46,9 @@ const WORDS: [&str; 16] = [
     "volcanoes",
 ];
 
-/// A small deterministic generator (xorshift64*), so each run looks alike.
-struct Gen(u64);
-impl Gen {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
-    }
-    fn word(&mut self) -> &'static str {
-        WORDS[self.below(WORDS.len() as u64) as usize]
-    }
+/// A word for titles, from the workload's generator (seeded, so each run looks alike).
+fn word(g: &mut Rng) -> &'static str {
+    WORDS[g.below(WORDS.len() as u64) as usize]
 }
 
 const SCHEMA: &str = "
@@ -122,11 +113,11 @@ topic = "views.videos"
 }
 
 /// One random transaction of the workload.
-fn change(g: &mut Gen, next_video: &mut u64) -> String {
+fn change(g: &mut Rng, next_video: &mut u64) -> String {
     match g.below(10) {
         0..=3 => {
             *next_video += 1;
-            let (id, w) = (*next_video, g.word());
+            let (id, w) = (*next_video, word(g));
             format!(
                 "BEGIN; INSERT INTO videos (id, title, publisher_id, duration_s) VALUES ({id}, 'new video about {w}', {}, {});
                  INSERT INTO video_tags VALUES ({id}, {}, 0) ON CONFLICT DO NOTHING; COMMIT;",
@@ -138,12 +129,12 @@ fn change(g: &mut Gen, next_video: &mut u64) -> String {
         4 | 5 => format!(
             "UPDATE videos SET title = 'video {0} about {1}' WHERE id = {0}",
             1 + g.below(*next_video),
-            g.word()
+            word(g)
         ),
         6 => format!(
             "UPDATE publishers SET name = 'publisher {0} ({1})' WHERE id = {0}",
             1 + g.below(50),
-            g.word()
+            word(g)
         ),
         7 => format!(
             "INSERT INTO video_tags VALUES ({}, {}, 1) ON CONFLICT DO NOTHING",
@@ -162,8 +153,7 @@ fn free_listen(wanted: Option<&str>) -> anyhow::Result<String> {
     if std::net::TcpListener::bind("127.0.0.1:7700").is_ok() {
         return Ok("127.0.0.1:7700".into());
     }
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
+    Ok(format!("127.0.0.1:{}", polylog_testkit::free_port()?))
 }
 
 pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
@@ -203,7 +193,7 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
     let result = std::thread::scope(|scope| {
         // The workload: a change every 200 ms.
         scope.spawn(|| {
-            let mut g = Gen(0x5eed);
+            let mut g = Rng::new(0x5eed);
             let mut next_video = 2000;
             let mut changes = 0u64;
             while !stop.load(Ordering::SeqCst) {

@@ -61,11 +61,7 @@ fn passwords_are_checked_with_scram_and_md5_and_a_wrong_one_is_named() {
 
 #[test]
 fn an_unreachable_server_is_retried_with_backoff_and_shown_in_status() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = polylog_testkit::free_port().expect("a free port");
     let dir = TempDir::new("unreachable");
     let cfg: polylog_postgres::PostgresSourceConfig =
         toml::from_str(&format!("url = \"postgres://postgres@127.0.0.1:{port}/app\""))

@@ -28,10 +28,6 @@ impl Drop for Cluster {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a port").port()
-}
-
 fn cluster() -> Cluster {
     if let Ok(url) = std::env::var("POLYLOG_TEST_ELASTICSEARCH_URL") {
         return Cluster { url, child: None };
@@ -45,7 +41,7 @@ fn cluster() -> Cluster {
         out.status.success() && !dir.is_empty(),
         "no OpenSearch-compatible server: `pip install osmem-server` (scripts/test does) or set POLYLOG_TEST_ELASTICSEARCH_URL"
     );
-    let port = free_port();
+    let port = polylog_testkit::free_port().expect("a free port");
     let child = Command::new(format!("{dir}/bin/osmem-server"))
         .args(["-addr", &format!("127.0.0.1:{port}"), "-no-stdin-watch"])
         .stdout(Stdio::null())

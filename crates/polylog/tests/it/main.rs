@@ -187,10 +187,7 @@ fn refusals_are_clear_and_change_nothing() {
 #[test]
 fn quickstart_runs_the_whole_pipeline_and_serves_search() {
     let d = TempDir::new("quickstart");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = polylog_testkit::free_port().expect("a free port");
     let listen = format!("127.0.0.1:{port}");
     let mut child = polylog(d.path())
         .args(["quickstart", "--seconds", "25", "--listen", &listen])
@@ -381,11 +378,8 @@ fn replication_survives_kill_9_and_a_lost_replica_is_replayed() {
         ),
     )
     .expect("config");
-    let mut seed = 1u64;
-    let mut next = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        seed >> 33
-    };
+    let mut rng = polylog_testkit::Rng::new(1);
+    let mut next = || rng.next_u64();
     for kill in 0..6 {
         let mut run = polylog(d.path())
             .args(["run"])
@@ -466,10 +460,7 @@ fn run_cmd_status(dir: &Path, args: &[&str]) -> (bool, String) {
 #[test]
 fn run_collects_events_anonymized_and_status_counts_them() {
     let d = TempDir::new("collect");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = polylog_testkit::free_port().expect("a free port");
     std::fs::write(
         d.path().join("polylog.toml"),
         format!(
