@@ -39,31 +39,6 @@ pub fn serve(listener: TcpListener, api: Arc<Api>, stop: &AtomicBool) -> std::io
 /// Queries nested deeper than this are refused (the parser's work grows fast with nesting).
 const QUERY_NESTING_MAX: usize = 8;
 
-/// Decodes `%XX` and `+` in a URL component.
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -114,7 +89,7 @@ fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
+            (polylog_events::server::url_decode(k), polylog_events::server::url_decode(v))
         })
         .collect();
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());

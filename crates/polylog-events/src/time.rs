@@ -1,0 +1,137 @@
+//! Calendar arithmetic in UTC (buckets, monthly partitions, report ranges) without a date crate.
+
+/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The civil date of a day number.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
+}
+
+/// `2026-11-26T12:34:00Z` for ms since the epoch.
+pub fn format_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
+    let s = secs.rem_euclid(86_400);
+    format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// The first ms of the month holding `ms`, and of the month after.
+pub fn month_bounds(ms: i64) -> (i64, i64) {
+    let (y, m, _) = civil_from_days(ms.div_euclid(86_400_000));
+    let start = days_from_civil(y, m, 1) * 86_400_000;
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    (start, days_from_civil(ny, nm, 1) * 86_400_000)
+}
+
+/// Parses a report bound: `now`, `now-15m` (`s`, `m`, `h`, `d`, `w`; `mo` = 30 days), ms since
+/// the epoch, `2026-05-01`, or `2026-05-01T10:00[:00][Z|+02:00]`.
+pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
+    let bad = || {
+        format!(
+            "{s:?} is not a time: use now, now-6h (s, m, h, d, w, mo), ms since the epoch, \
+             2026-05-01 or 2026-05-01T10:00:00Z"
+        )
+    };
+    if let Some(rest) = s.strip_prefix("now") {
+        if rest.is_empty() {
+            return Ok(now_ms);
+        }
+        let rest = rest.strip_prefix('-').ok_or_else(bad)?;
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let n: i64 = rest[..digits].parse().map_err(|_| bad())?;
+        let unit = match &rest[digits..] {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "w" => 7 * 86_400_000,
+            "mo" => 30 * 86_400_000,
+            _ => return Err(bad()),
+        };
+        return n.checked_mul(unit).map(|d| now_ms - d).ok_or_else(bad);
+    }
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map_err(|_| bad());
+    }
+    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+        s.get(r).and_then(|t| t.parse().ok()).ok_or_else(bad)
+    };
+    if s.len() < 10 || s.as_bytes()[4] != b'-' || s.as_bytes()[7] != b'-' {
+        return Err(bad());
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
+        return Err(bad());
+    }
+    let mut ms = days_from_civil(y, mo as u32, d as u32) * 86_400_000;
+    let rest = &s[10..];
+    if rest.is_empty() {
+        return Ok(ms);
+    }
+    let rest = rest.strip_prefix(['T', ' ']).ok_or_else(bad)?;
+    let time_len = rest.find(['Z', '+', '-']).unwrap_or(rest.len());
+    let (time, zone) = rest.split_at(time_len);
+    let parts: Vec<&str> = time.split(':').collect();
+    if !(2..=3).contains(&parts.len()) {
+        return Err(bad());
+    }
+    let field = |p: &str, max: f64| -> Result<f64, String> {
+        p.parse::<f64>().ok().filter(|v| (0.0..max).contains(v)).ok_or_else(bad)
+    };
+    ms += (field(parts[0], 24.0)? * 3_600_000.0) as i64 + (field(parts[1], 60.0)? * 60_000.0) as i64;
+    if let Some(sec) = parts.get(2) {
+        ms += (field(sec, 61.0)? * 1000.0).round() as i64;
+    }
+    match zone {
+        "" | "Z" => {}
+        z => {
+            let sign = if z.starts_with('-') { 1 } else { -1 };
+            let (h, m) = z[1..].split_once(':').ok_or_else(bad)?;
+            let off = h.parse::<i64>().map_err(|_| bad())? * 60 + m.parse::<i64>().map_err(|_| bad())?;
+            ms += sign * off * 60_000;
+        }
+    }
+    Ok(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_round_trip_and_parse() {
+        for z in -800_000..800_000 {
+            let (y, m, d) = civil_from_days(z);
+            assert_eq!(days_from_civil(y, m, d), z);
+        }
+        assert_eq!(format_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(parse_time("2026-11-26T12:34:56Z", 0).unwrap(), 1_795_696_496_000);
+        assert_eq!(format_ms(1_795_696_496_000), "2026-11-26T12:34:56Z");
+        assert_eq!(parse_time("2026-11-26T14:34:56+02:00", 0).unwrap(), 1_795_696_496_000);
+        assert_eq!(parse_time("2026-11-26", 0).unwrap(), 1_795_651_200_000);
+        assert_eq!(parse_time("now-2h", 10_000_000).unwrap(), 10_000_000 - 7_200_000);
+        assert_eq!(parse_time("1795696496000", 0).unwrap(), 1_795_696_496_000);
+        assert_eq!(month_bounds(1_795_696_496_000).0, parse_time("2026-11-01", 0).unwrap());
+        assert_eq!(month_bounds(1_795_696_496_000).1, parse_time("2026-12-01", 0).unwrap());
+        for bad in ["", "yesterday", "now+1h", "2026-13-01", "2026-11-26T25:00", "now-3y"] {
+            assert!(parse_time(bad, 0).is_err(), "{bad}");
+        }
+    }
+}
