@@ -9,6 +9,7 @@
 pub mod anonymize;
 pub mod categorize;
 pub mod collector;
+pub mod gen;
 pub mod hll;
 pub mod model;
 pub mod report;

@@ -314,7 +314,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn valid_table(t: &str) -> bool {
+pub fn valid_table(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 40
         && t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')

@@ -42,10 +42,16 @@ impl Drop for Slot {
 }
 
 /// Writes a JSON answer and ends the exchange (`Connection: close`).
-pub fn respond(
+pub fn respond(stream: &TcpStream, status: u16, body: &serde_json::Value) -> std::io::Result<()> {
+    respond_bytes(stream, status, "application/json", &serde_json::to_vec(body).unwrap_or_default())
+}
+
+/// Writes an answer of any type and ends the exchange (`Connection: close`).
+pub fn respond_bytes(
     mut stream: &TcpStream,
     status: u16,
-    body: &serde_json::Value,
+    content_type: &str,
+    body: &[u8],
 ) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
@@ -61,13 +67,12 @@ pub fn respond(
         503 => "Service Unavailable",
         _ => "Error",
     };
-    let body = serde_json::to_vec(body).unwrap_or_default();
     write!(
         stream,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )?;
-    stream.write_all(&body)?;
+    stream.write_all(body)?;
     stream.flush()
 }
 

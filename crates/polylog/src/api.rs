@@ -1,10 +1,12 @@
 //! The HTTP API (`[api] listen`), as far as it is built: search over the `search` sinks'
-//! indexes.
+//! indexes, and reports over the rollups.
 //!
 //! - `GET /v1/search/<index>?q=<query>&limit=<n>`: matching documents, best first
 //!   (`{"total": n, "hits": [{"id", "version", "score", "doc"}]}`); the query uses the
 //!   index's syntax over the documents' fields (`title:rust AND publisher.name:acme`).
 //! - `GET /v1/search/<index>/<id>`: one document by its key (the key as JSON, URL-encoded).
+//! - `GET /v1/reports/<rollup>?from=&to=&group_by=&interval=&filter=&format=json|csv`: see
+//!   `polylog_events::report`.
 //!
 //! With `api.token` (or `POLYLOG_API_TOKEN`) set, requests need `Authorization: Bearer <token>`.
 //! Requests are small GETs: a request head over 16 KiB is refused; at most 64 connections are
@@ -25,6 +27,7 @@ const CONNECTIONS_MAX: usize = 64;
 
 pub struct Api {
     pub indexes: SearchIndexes,
+    pub rollups: std::collections::BTreeMap<String, Arc<polylog_events::Rollup>>,
     pub token: Option<String>,
 }
 
@@ -93,7 +96,7 @@ fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
         })
         .collect();
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let segments: Vec<String> = path.trim_matches('/').split('/').map(decode).collect();
+    let segments: Vec<String> = path.trim_matches('/').split('/').map(polylog_events::server::url_decode).collect();
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let index =
         |name: &str| api.indexes.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
@@ -155,10 +158,39 @@ fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
                 Err(e) => respond(stream, 400, &json!({"error": e.to_string()})),
             }
         }
+        ["v1", "reports", name] => {
+            let Some(rollup) = api.rollups.get(*name) else {
+                let names: Vec<&str> = api.rollups.keys().map(String::as_str).collect();
+                return respond(
+                    stream,
+                    404,
+                    &json!({"error": format!("no rollup {name:?}; the rollups are {names:?}")}),
+                );
+            };
+            let q = match polylog_events::ReportQuery::parse(rollup, query, polylog_log::now_ms()) {
+                Ok(q) => q,
+                Err(e) => return respond(stream, 400, &json!({ "error": e })),
+            };
+            match rollup.report(&q) {
+                Ok(r) if q.csv => polylog_events::server::respond_bytes(
+                    stream,
+                    200,
+                    "text/csv; charset=utf-8",
+                    r.to_csv().as_bytes(),
+                ),
+                Ok(r) => respond(stream, 200, &r.to_json()),
+                Err(polylog_events::ReportError::Bad(e)) => {
+                    respond(stream, 400, &json!({ "error": e }))
+                }
+                Err(polylog_events::ReportError::Unavailable(e)) => {
+                    respond(stream, 503, &json!({ "error": e }))
+                }
+            }
+        }
         _ => respond(
             stream,
             404,
-            &json!({"error": format!("no route {path}; try /v1/search/<index>?q=...")}),
+            &json!({"error": format!("no route {path}; try /v1/search/<index>?q=... or /v1/reports/<rollup>")}),
         ),
     }
 }

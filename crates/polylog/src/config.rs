@@ -189,6 +189,42 @@ pub struct RollupConfig {
     pub url: String,
     /// Fields the buckets are grouped by.
     pub dimensions: Vec<String>,
+    /// Prefix of the tables (`<table>_minute`, `_hour`, `_day`) [default: the rollup's name].
+    #[serde(default)]
+    pub table: Option<String>,
+    /// Seconds after its end a minute still takes events; later ones are counted as late.
+    #[serde(default = "default_lateness")]
+    pub lateness_seconds: u64,
+    /// Milliseconds between looks for closed minutes to flush.
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval_ms: u64,
+    /// Most buckets held open in memory (reading pauses above it).
+    #[serde(default = "default_open_buckets")]
+    pub open_buckets_max: usize,
+}
+
+fn default_lateness() -> u64 {
+    60
+}
+
+fn default_flush_interval() -> u64 {
+    1000
+}
+
+fn default_open_buckets() -> usize {
+    2_000_000
+}
+
+impl RollupConfig {
+    pub fn options(&self, name: &str) -> polylog_events::RollupOptions {
+        let mut o = polylog_events::RollupOptions::new(name, &self.topic, &self.url, &[]);
+        o.dimensions = self.dimensions.clone();
+        o.table = self.table.clone().unwrap_or_else(|| name.to_string());
+        o.lateness = std::time::Duration::from_secs(self.lateness_seconds);
+        o.flush_interval = std::time::Duration::from_millis(self.flush_interval_ms.max(10));
+        o.open_max = self.open_buckets_max.max(1000);
+        o
+    }
 }
 
 impl Default for Config {
@@ -279,8 +315,19 @@ impl Config {
             }
         }
         for (name, r) in &self.rollups {
-            if r.dimensions.is_empty() {
-                bail!("`rollups.{name}.dimensions`: list at least one dimension");
+            polylog_events::rollup::parse_dims(&r.dimensions)
+                .map_err(|e| anyhow::anyhow!("`rollups.{name}.dimensions`: {e}"))?;
+            polylog_log::validate_topic_name(&r.topic)
+                .with_context(|| format!("`rollups.{name}.topic`"))?;
+            polylog_postgres::wire::ConnectParams::parse(&r.url)
+                .map_err(|e| anyhow::anyhow!("`rollups.{name}.url`: {e}"))?;
+            let table = r.table.clone().unwrap_or_else(|| name.clone());
+            if !polylog_events::rollup::valid_table(&table) {
+                bail!(
+                    "`rollups.{name}{}`: {table:?} must be lowercase letters, digits and _ (at most \
+                     40), not starting with a digit (it prefixes the table names)",
+                    if r.table.is_some() { ".table" } else { "" }
+                );
             }
         }
         Ok(())

@@ -2,6 +2,7 @@
 
 mod api;
 mod config;
+mod gen;
 mod quickstart;
 mod run;
 mod topics;
@@ -39,13 +40,18 @@ enum Command {
     /// The whole pipeline on this machine: a throwaway Postgres with a workload, captured,
     /// denormalized into documents, indexed and served for search. Needs the Postgres binaries.
     Quickstart(quickstart::QuickstartArgs),
-    /// Run every configured source, view and sink until Ctrl-C.
+    /// Run every configured source, view, sink, collector and rollup until Ctrl-C.
     Run,
     /// Show each source's, view's and sink's state and lag.
     Status(run::StatusArgs),
     /// Rebuild a sink's store from the log: its offsets go back, then it runs until it has
     /// written everything (stop `polylog run` first: one process writes a data directory).
     Replay(run::ReplayArgs),
+    /// Generate sample data: `polylog gen events --rate 1000 --duration 60`.
+    Gen {
+        #[command(subcommand)]
+        command: gen::GenCommand,
+    },
     /// Work with the config file.
     Config {
         #[command(subcommand)]
@@ -96,6 +102,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run => run::run(&load()?),
         Command::Status(args) => run::status(&load()?, &args),
         Command::Replay(args) => run::replay(&load()?, &args),
+        Command::Gen { command } => {
+            // The config only supplies the collector's address, so it is optional here.
+            let config = if explicit { Some(Config::load(&path, true)?) } else { Config::load(&path, false).ok() };
+            let listen = config.and_then(|c| c.collector).map(|c| c.listen);
+            gen::run(&command, listen)
+        }
         Command::Config { command: ConfigCommand::Check } => {
             let config = load()?;
             println!(

@@ -84,13 +84,9 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         && config.views.is_empty()
         && config.sinks.is_empty()
         && config.collector.is_none()
+        && config.rollups.is_empty()
     {
-        bail!("nothing to run: the config has no [sources.*], [views.*], [sinks.*] or [collector] table");
-    }
-    for (what, n) in [("rollups", config.rollups.len())] {
-        if n > 0 {
-            eprintln!("polylog: warning: {what} are not built in this version yet; ignoring them");
-        }
+        bail!("nothing to run: the config has no [sources.*], [views.*], [sinks.*], [collector] or [rollups.*] table");
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -110,9 +106,16 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let views = views(config, Arc::clone(&log))?;
     let indexes: SearchIndexes = Arc::default();
     let sinks = sinks(config, Arc::clone(&log), &indexes)?;
-    // The HTTP API serves the search indexes (the rest of the API is not built yet).
+    let mut rollups = BTreeMap::new();
+    for (name, r) in &config.rollups {
+        let rollup = polylog_events::Rollup::new(r.options(name), Arc::clone(&log))
+            .map_err(|e| anyhow::anyhow!("rollup {name}: {e}"))?;
+        rollups.insert(name.clone(), Arc::new(rollup));
+    }
+    // The HTTP API serves the search indexes and the reports (the rest of the API is not
+    // built yet).
     let listener =
-        if sinks.iter().any(|(_, s)| matches!(s.cfg, polylog_sinks::SinkConfig::Search(_))) {
+        if !rollups.is_empty() || sinks.iter().any(|(_, s)| matches!(s.cfg, polylog_sinks::SinkConfig::Search(_))) {
             for (_, s) in &sinks {
                 if matches!(s.cfg, polylog_sinks::SinkConfig::Search(_)) {
                     s.search_index()?;
@@ -120,12 +123,16 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
             let l = std::net::TcpListener::bind(&config.api.listen)
                 .with_context(|| format!("`api.listen`: cannot listen on {}", config.api.listen))?;
-            eprintln!("polylog: API on http://{}/v1/search/<index>?q=...", config.api.listen);
+            eprintln!("polylog: API on http://{}/v1/", config.api.listen);
             Some(l)
         } else {
             None
         };
-    let api = Arc::new(crate::api::Api { indexes: Arc::clone(&indexes), token: api_token(config) });
+    let api = Arc::new(crate::api::Api {
+        indexes: Arc::clone(&indexes),
+        rollups: rollups.clone(),
+        token: api_token(config),
+    });
     let collector = match &config.collector {
         None => None,
         Some(c) => {
@@ -207,6 +214,18 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 }
             });
         }
+        for (name, rollup) in &rollups {
+            let (stop, fail) = (&stop, &fail);
+            scope.spawn(move || {
+                eprintln!(
+                    "polylog: rollup {name}: {} into {}_minute/_hour/_day",
+                    rollup.opts.topic, rollup.opts.table
+                );
+                if let Err(e) = rollup.run(stop) {
+                    fail(format!("rollup {name} stopped: {e}"));
+                }
+            });
+        }
         for (name, sink) in &sinks {
             let (stop, fail) = (&stop, &fail);
             scope.spawn(move || {
@@ -218,10 +237,10 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
-                write_status(config, &statuses, &views, &sinks, collector_stats.as_deref());
+                write_status(config, &statuses, &views, &sinks, collector_stats.as_deref(), &rollups);
                 std::thread::sleep(STATUS_INTERVAL);
             }
-            write_status(config, &statuses, &views, &sinks, collector_stats.as_deref());
+            write_status(config, &statuses, &views, &sinks, collector_stats.as_deref(), &rollups);
         });
     });
     let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -238,7 +257,12 @@ fn write_status(
     views: &[(String, View)],
     sinks: &[(String, Sink)],
     collector: Option<&polylog_events::Collector>,
+    rollups: &BTreeMap<String, Arc<polylog_events::Rollup>>,
 ) {
+    let rollup_map: BTreeMap<&str, polylog_events::RollupStatus> = rollups
+        .iter()
+        .map(|(n, r)| (n.as_str(), r.status.lock().unwrap_or_else(|e| e.into_inner()).clone()))
+        .collect();
     let map: BTreeMap<&str, SourceStatus> = statuses
         .iter()
         .map(|(n, s)| (n.as_str(), s.lock().unwrap_or_else(|e| e.into_inner()).clone()))
@@ -258,6 +282,7 @@ fn write_status(
         "sources": map,
         "views": view_map,
         "sinks": sink_map,
+        "rollups": rollup_map,
         "collector": collector.map(|c| serde_json::json!({
             "requests": c.stats.requests.load(Ordering::Relaxed),
             "accepted": c.stats.accepted.load(Ordering::Relaxed),
@@ -291,8 +316,9 @@ pub fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
         && config.views.is_empty()
         && config.sinks.is_empty()
         && config.collector.is_none()
+        && config.rollups.is_empty()
     {
-        println!("no sources, views, sinks or collector configured");
+        println!("no sources, views, sinks, collector or rollups configured");
         return Ok(());
     }
     let reported: serde_json::Value = std::fs::read(status_path(config))
@@ -376,6 +402,29 @@ pub fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
                 n("rejected"),
             ],
         ];
+        print_table(&mut std::io::stdout().lock(), &rows)?;
+    }
+    if !config.rollups.is_empty() {
+        println!();
+        let mut rows = vec![[
+            "ROLLUP", "STATE", "STORED THROUGH", "OPEN BUCKETS", "EVENTS", "LATE", "LAG", "LAST ERROR",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for name in config.rollups.keys() {
+            let r = &reported["rollups"][name];
+            let n = |k: &str| r[k].as_u64().map_or("-".to_string(), |v| v.to_string());
+            rows.push(vec![
+                name.clone(),
+                if running { r["state"].as_str().unwrap_or("?").into() } else { "not running".into() },
+                r["flushed_through"].as_str().unwrap_or("-").to_string(),
+                n("open_buckets"),
+                n("events"),
+                n("late_events"),
+                r["lag_records"].as_u64().map_or("-".into(), |l| format!("{l} records")),
+                r["error"].as_str().unwrap_or("").to_string(),
+            ]);
+        }
         print_table(&mut std::io::stdout().lock(), &rows)?;
     }
     Ok(())
