@@ -28,8 +28,12 @@ const AGENTS: &[(&str, u64)] = &[
     ("python-requests/2.31.0", 5),
 ];
 
-const WORDS: &[&str] = &["daily", "tech", "sport", "food", "travel", "auto", "money", "style", "game", "music", "home", "health"];
-const KINDS: &[&str] = &["news", "hub", "times", "post", "world", "zone", "wire", "life", "review", "today"];
+const WORDS: &[&str] = &[
+    "daily", "tech", "sport", "food", "travel", "auto", "money", "style", "game", "music", "home",
+    "health",
+];
+const KINDS: &[&str] =
+    &["news", "hub", "times", "post", "world", "zone", "wire", "life", "review", "today"];
 const SIZES: &[&str] = &["300x250", "728x90", "320x50", "160x600", "300x600", "970x250"];
 
 /// The site category of a generated domain (by its first word), for `site_categories`.
@@ -114,7 +118,13 @@ impl Generator {
         let ip = if user % 10 == 0 {
             format!("2001:db8:{:x}:{:x}::{:x}", user >> 16 & 0xffff, user & 0xffff, user % 97 + 1)
         } else {
-            format!("{}.{}.{}.{}", 11 + user % 200, user >> 8 & 0xff, user >> 16 & 0xff, user % 250 + 1)
+            format!(
+                "{}.{}.{}.{}",
+                11 + user % 200,
+                user >> 8 & 0xff,
+                user >> 16 & 0xff,
+                user % 250 + 1
+            )
         };
         let size = SIZES[(campaign % SIZES.len() as u64) as usize];
         let video = campaign % 5 == 0;
@@ -128,7 +138,8 @@ impl Generator {
         let _ = writeln!(out, r#"{{"type":"impression","ts":{ts_ms},{common}}}"#);
         if self.rng.chance(85) {
             let pct = self.rng.below(101);
-            let ms = if self.rng.chance(60) { 500 + self.rng.below(6000) } else { self.rng.below(1500) };
+            let ms =
+                if self.rng.chance(60) { 500 + self.rng.below(6000) } else { self.rng.below(1500) };
             let _ = writeln!(
                 out,
                 r#"{{"type":"viewability","ts":{},{common},"ad_format":"{}","ad_size":"{size}","in_view_pct":{pct},"in_view_ms":{ms}}}"#,
@@ -138,20 +149,25 @@ impl Generator {
             n += 1;
         }
         if self.rng.below(1000) < 4 {
-            let _ = writeln!(out, r#"{{"type":"click","ts":{},{common}}}"#, ts_ms + 2 + self.rng.below(900) as i64);
+            let _ = writeln!(
+                out,
+                r#"{{"type":"click","ts":{},{common}}}"#,
+                ts_ms + 2 + self.rng.below(900) as i64
+            );
             n += 1;
         }
         n
     }
 
-    /// NDJSON for about `n` events spread over `[from_ms, to_ms)`.
+    /// NDJSON for about `n` events spread evenly over `[from_ms, to_ms)` in time order (as
+    /// traffic arrives); returns it and the number of events.
     pub fn batch(&mut self, n: u64, from_ms: i64, to_ms: i64) -> (Vec<u8>, u64) {
         let mut out = Vec::with_capacity(n as usize * 600);
         let mut count = 0;
-        let span = (to_ms - from_ms).max(1) as u64;
+        let span = (to_ms - from_ms).max(1) as i128;
         while count < n {
-            let ts = from_ms + self.rng.below(span) as i64;
-            count += self.impression(ts.min(to_ms - 1), &mut out);
+            let ts = from_ms + (span * count as i128 / n as i128) as i64;
+            count += self.impression(ts, &mut out);
         }
         (out, count)
     }

@@ -72,14 +72,18 @@ impl ReportQuery {
                 format!("{n:?} is not a dimension of this rollup; it has {}", dims.join(", "))
             })
         };
-        let (mut from, mut to, mut q) = (None, None, ReportQuery {
-            from_ms: 0,
-            to_ms: 0,
-            group_by: Vec::new(),
-            interval: None,
-            filters: Vec::new(),
-            csv: false,
-        });
+        let (mut from, mut to, mut q) = (
+            None,
+            None,
+            ReportQuery {
+                from_ms: 0,
+                to_ms: 0,
+                group_by: Vec::new(),
+                interval: None,
+                filters: Vec::new(),
+                csv: false,
+            },
+        );
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = crate::server::url_decode(v);
@@ -241,9 +245,8 @@ impl Rollup {
             Some(c) => c,
             None => self.connect()?,
         };
-        let wanted = |dims: &[String]| {
-            q.filters.iter().all(|(i, vs)| vs.iter().any(|v| *v == dims[*i]))
-        };
+        let wanted =
+            |dims: &[String]| q.filters.iter().all(|(i, vs)| vs.iter().any(|v| *v == dims[*i]));
         let grain_ms = q.interval.map(|g| GRAINS[g].1);
         let key = |minute_ms: i64, dims: &[String]| {
             (
@@ -434,8 +437,18 @@ impl Report {
         }
         head.extend(self.group_by.iter().cloned());
         head.extend(
-            ["impressions", "measurable", "viewable", "viewability", "clicks", "ctr", "in_view_ms", "invalid", "users"]
-                .map(String::from),
+            [
+                "impressions",
+                "measurable",
+                "viewable",
+                "viewability",
+                "clicks",
+                "ctr",
+                "in_view_ms",
+                "invalid",
+                "users",
+            ]
+            .map(String::from),
         );
         out.push_str(&head.join(","));
         out.push('\n');
@@ -477,7 +490,12 @@ mod tests {
         plan(d - 2 * m, 2 * d + h + 3 * m, 2, &mut out);
         assert_eq!(
             out,
-            vec![(0, d - 2 * m, d), (2, d, 2 * d), (1, 2 * d, 2 * d + h), (0, 2 * d + h, 2 * d + h + 3 * m)]
+            vec![
+                (0, d - 2 * m, d),
+                (2, d, 2 * d),
+                (1, 2 * d, 2 * d + h),
+                (0, 2 * d + h, 2 * d + h + 3 * m)
+            ]
         );
         out.clear();
         plan(5 * m, 50 * m, 2, &mut out);

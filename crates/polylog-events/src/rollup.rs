@@ -321,7 +321,11 @@ pub fn valid_table(t: &str) -> bool {
         && !t.as_bytes()[0].is_ascii_digit()
 }
 
-pub(crate) const GRAINS: [(&str, i64); 3] = [("minute", 60_000), ("hour", 3_600_000), ("day", 86_400_000)];
+/// Records read from a partition at a time.
+const POLL_MAX: usize = 4096;
+
+pub(crate) const GRAINS: [(&str, i64); 3] =
+    [("minute", 60_000), ("hour", 3_600_000), ("day", 86_400_000)];
 
 /// Where reading stands, per partition.
 struct Reading {
@@ -329,8 +333,12 @@ struct Reading {
     next: Vec<u64>,
     /// Where the last flush had read to: events below it of flushed minutes are counted.
     consumed: Vec<u64>,
+    /// Newest event time read, over all partitions, and when it was read.
     max_ts: Option<i64>,
     raised: Instant,
+    /// Per partition: newest event time read, and whether it has more to read.
+    partition_max: Vec<Option<i64>>,
+    behind: Vec<bool>,
 }
 
 impl Rollup {
@@ -415,7 +423,8 @@ impl Rollup {
 
     /// Creates the tables and checks the recorded state matches this rollup's definition.
     fn setup(&self, c: &mut Connection) -> Result<(), RollupError> {
-        let dims: Vec<String> = self.opts.dimensions.iter().map(|d| format!("{d} text NOT NULL")).collect();
+        let dims: Vec<String> =
+            self.opts.dimensions.iter().map(|d| format!("{d} text NOT NULL")).collect();
         let key = self.opts.dimensions.join(", ");
         let mut sql = String::new();
         for (grain, _) in GRAINS {
@@ -440,7 +449,8 @@ impl Rollup {
             "SELECT topic, table_prefix, dimensions FROM polylog_rollups WHERE name = $1",
             &[self.opts.name.as_bytes()],
         )?;
-        let want = (self.opts.topic.clone(), self.opts.table.clone(), self.opts.dimensions.join(","));
+        let want =
+            (self.opts.topic.clone(), self.opts.table.clone(), self.opts.dimensions.join(","));
         match rows.first() {
             None => {
                 c.query_params(
@@ -520,6 +530,8 @@ impl Rollup {
             consumed: Vec::new(),
             max_ts: None,
             raised: Instant::now(),
+            partition_max: vec![None; partitions as usize],
+            behind: vec![true; partitions as usize],
         };
         for p in 0..partitions {
             let (resume, consumed) = stored.get(&p).copied().unwrap_or((0, 0));
@@ -559,12 +571,14 @@ impl Rollup {
             let mut got = 0;
             if !full {
                 for (p, reader) in readers.iter_mut().enumerate() {
-                    let records = reader.poll(4096, Duration::ZERO)?;
+                    let records = reader.poll(POLL_MAX, Duration::ZERO)?;
                     got += records.len();
+                    reading.behind[p] = records.len() == POLL_MAX;
                     self.add_records(p, &records, &mut reading, &mut key);
                 }
                 if got == 0 {
-                    let records = readers[0].poll(4096, Duration::from_millis(50))?;
+                    let records = readers[0].poll(POLL_MAX, Duration::from_millis(50))?;
+                    reading.behind[0] = records.len() == POLL_MAX;
                     self.add_records(0, &records, &mut reading, &mut key);
                 }
             } else {
@@ -609,7 +623,8 @@ impl Rollup {
             let open = &mut *open;
             for r in records {
                 reading.next[p] = r.offset + 1;
-                let Some(e) = r.value.as_deref().and_then(|v| serde_json::from_slice::<Slim>(v).ok())
+                let Some(e) =
+                    r.value.as_deref().and_then(|v| serde_json::from_slice::<Slim>(v).ok())
                 else {
                     skipped += 1;
                     continue;
@@ -618,6 +633,9 @@ impl Rollup {
                 if reading.max_ts.is_none_or(|m| e.ts_ms > m) {
                     reading.max_ts = Some(e.ts_ms);
                     reading.raised = Instant::now();
+                }
+                if reading.partition_max[p].is_none_or(|m| e.ts_ms > m) {
+                    reading.partition_max[p] = Some(e.ts_ms);
                 }
                 if open.flushed_through.is_some_and(|f| minute <= f) {
                     if r.offset >= reading.consumed[p] {
@@ -653,10 +671,17 @@ impl Rollup {
     }
 
     /// The watermark: the newest event time, advancing with the clock since it was seen, never
-    /// ahead of the clock.
+    /// ahead of the clock; while partitions have a backlog, no further than the slowest of
+    /// them has read (so reading a backlog partition by partition makes nothing late).
     fn watermark(reading: &Reading) -> Option<i64> {
         let max = reading.max_ts?;
-        Some((max + reading.raised.elapsed().as_millis() as i64).min(polylog_log::now_ms()))
+        let mut w = (max + reading.raised.elapsed().as_millis() as i64).min(polylog_log::now_ms());
+        for (behind, m) in reading.behind.iter().zip(&reading.partition_max) {
+            if *behind {
+                w = w.min(m.unwrap_or(i64::MIN));
+            }
+        }
+        (w > i64::MIN).then_some(w)
     }
 
     fn maybe_flush(
@@ -674,8 +699,12 @@ impl Rollup {
             if open.flushed_through.is_some_and(|f| through <= f) {
                 return Ok(());
             }
-            let closed: Vec<Vec<u8>> =
-                open.buckets.iter().filter(|(_, b)| b.minute <= through).map(|(k, _)| k.clone()).collect();
+            let closed: Vec<Vec<u8>> = open
+                .buckets
+                .iter()
+                .filter(|(_, b)| b.minute <= through)
+                .map(|(k, _)| k.clone())
+                .collect();
             if closed.is_empty() && open.late_pending == 0 && open.flushed_through.is_some() {
                 // The closed minutes are empty: nothing to record until there is.
                 return Ok(());
@@ -736,7 +765,8 @@ impl Rollup {
     ) -> Result<(), RollupError> {
         c.execute("BEGIN")?;
         // Partitions for every month touched.
-        let mut months: Vec<i64> = closed.iter().map(|b| month_bounds(b.minute * 60_000).0).collect();
+        let mut months: Vec<i64> =
+            closed.iter().map(|b| month_bounds(b.minute * 60_000).0).collect();
         months.sort_unstable();
         months.dedup();
         for m in months {
@@ -801,7 +831,9 @@ impl Rollup {
              updated_at = now() WHERE name = $1",
             &[name, through.to_string().as_bytes(), late.to_string().as_bytes()],
         )?;
-        let mut sql = String::from("INSERT INTO polylog_rollup_offsets (name, partition, resume, consumed) VALUES ");
+        let mut sql = String::from(
+            "INSERT INTO polylog_rollup_offsets (name, partition, resume, consumed) VALUES ",
+        );
         for (p, (r, n)) in resume.iter().zip(consumed).enumerate() {
             if p > 0 {
                 sql.push(',');
@@ -842,7 +874,8 @@ impl Rollup {
             json.extend_from_slice(format!("{{\"b\":{secs}").as_bytes());
             for (j, d) in dims.iter().enumerate() {
                 json.extend_from_slice(format!(",\"d{j}\":").as_bytes());
-                serde_json::to_writer(&mut json, d).map_err(|e| RollupError::State(e.to_string()))?;
+                serde_json::to_writer(&mut json, d)
+                    .map_err(|e| RollupError::State(e.to_string()))?;
             }
             json.extend_from_slice(
                 format!(
@@ -893,13 +926,21 @@ impl Rollup {
             json.extend_from_slice(format!("{{\"b\":{secs}").as_bytes());
             for (j, d) in dims.iter().enumerate() {
                 json.extend_from_slice(format!(",\"d{j}\":").as_bytes());
-                serde_json::to_writer(&mut json, d).map_err(|e| RollupError::State(e.to_string()))?;
+                serde_json::to_writer(&mut json, d)
+                    .map_err(|e| RollupError::State(e.to_string()))?;
             }
-            json.extend_from_slice(b",\"i\":0,\"m\":0,\"v\":0,\"c\":0,\"ms\":0,\"inv\":0,\"u\":\"\"}");
+            json.extend_from_slice(
+                b",\"i\":0,\"m\":0,\"v\":0,\"c\":0,\"ms\":0,\"inv\":0,\"u\":\"\"}",
+            );
         }
         json.push(b']');
-        let on: Vec<String> =
-            self.opts.dimensions.iter().enumerate().map(|(i, d)| format!(" AND t.{d} = x.d{i}")).collect();
+        let on: Vec<String> = self
+            .opts
+            .dimensions
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!(" AND t.{d} = x.d{i}"))
+            .collect();
         let cols: Vec<String> = self.opts.dimensions.iter().map(|d| format!("t.{d}")).collect();
         let sql = format!(
             "SELECT extract(epoch FROM t.bucket)::bigint, {}, t.impressions, t.measurable, \
@@ -917,7 +958,9 @@ impl Rollup {
             let num = |i: usize| r[i].as_deref().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             let users = unhex(r[n + 7].as_deref().unwrap_or(""))
                 .and_then(|b| Hll::from_bytes(&b))
-                .map_err(|e| RollupError::State(format!("{}: a stored sketch: {e}", self.table(grain))))?;
+                .map_err(|e| {
+                    RollupError::State(format!("{}: a stored sketch: {e}", self.table(grain)))
+                })?;
             out.push((
                 r[0].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0),
                 (1..=n).map(text).collect(),

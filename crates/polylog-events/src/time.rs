@@ -95,7 +95,8 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
     let field = |p: &str, max: f64| -> Result<f64, String> {
         p.parse::<f64>().ok().filter(|v| (0.0..max).contains(v)).ok_or_else(bad)
     };
-    ms += (field(parts[0], 24.0)? * 3_600_000.0) as i64 + (field(parts[1], 60.0)? * 60_000.0) as i64;
+    ms +=
+        (field(parts[0], 24.0)? * 3_600_000.0) as i64 + (field(parts[1], 60.0)? * 60_000.0) as i64;
     if let Some(sec) = parts.get(2) {
         ms += (field(sec, 61.0)? * 1000.0).round() as i64;
     }
@@ -104,7 +105,8 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
         z => {
             let sign = if z.starts_with('-') { 1 } else { -1 };
             let (h, m) = z[1..].split_once(':').ok_or_else(bad)?;
-            let off = h.parse::<i64>().map_err(|_| bad())? * 60 + m.parse::<i64>().map_err(|_| bad())?;
+            let off =
+                h.parse::<i64>().map_err(|_| bad())? * 60 + m.parse::<i64>().map_err(|_| bad())?;
             ms += sign * off * 60_000;
         }
     }

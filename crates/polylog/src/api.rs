@@ -96,7 +96,8 @@ fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
         })
         .collect();
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let segments: Vec<String> = path.trim_matches('/').split('/').map(polylog_events::server::url_decode).collect();
+    let segments: Vec<String> =
+        path.trim_matches('/').split('/').map(polylog_events::server::url_decode).collect();
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let index =
         |name: &str| api.indexes.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();

@@ -104,7 +104,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => run::replay(&load()?, &args),
         Command::Gen { command } => {
             // The config only supplies the collector's address, so it is optional here.
-            let config = if explicit { Some(Config::load(&path, true)?) } else { Config::load(&path, false).ok() };
+            let config = if explicit {
+                Some(Config::load(&path, true)?)
+            } else {
+                Config::load(&path, false).ok()
+            };
             let listen = config.and_then(|c| c.collector).map(|c| c.listen);
             gen::run(&command, listen)
         }

@@ -1,7 +1,9 @@
 //! `polylog quickstart`: the whole pipeline on this machine, with nothing set up but the
 //! Postgres binaries: a throwaway Postgres with a small video platform (publishers, videos,
 //! tags, video_tags) and a workload, captured by the CDC source, denormalized by a view into
-//! one document per video, indexed by the search sink and served by the HTTP API.
+//! one document per video, indexed by the search sink and served by the HTTP API; and ad
+//! viewability events, generated and posted to the collector, rolled up into the same Postgres
+//! and reported by the API.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,7 +69,11 @@ const SCHEMA: &str = "
     INSERT INTO video_tags SELECT v, 1 + (v * 7 + k) % 16, k FROM generate_series(1, 2000) v, generate_series(0, 1) k;
 ";
 
-fn config_text(pg: &PgCluster, data_dir: &Path, listen: &str) -> String {
+fn config_text(pg: &PgCluster, data_dir: &Path, listen: &str, collector: &str) -> String {
+    let mut sites = String::new();
+    for (domain, category) in polylog_events::gen::site_categories() {
+        sites.push_str(&format!("\"{domain}\" = \"{category}\"\n"));
+    }
     format!(
         r#"# Written by `polylog quickstart`; run it yourself with `polylog -c {dir}/polylog.toml run`
 # (while the quickstart's Postgres is up).
@@ -105,10 +111,22 @@ joins = [{{ name = "tag", topic = "demo.public.tags", on = {{ tag_id = "id" }}, 
 [sinks.videos]
 kind = "search"
 topic = "views.videos"
-"#,
+
+[collector]
+listen = "{collector}"
+topic = "events.viewability"
+
+[rollups.viewability]
+topic = "events.viewability"
+url = "{analytics}"
+dimensions = ["campaign_id", "site_category", "device", "browser"]
+
+[collector.site_categories]
+{sites}"#,
         dir = data_dir.parent().unwrap_or(data_dir).display(),
         data = data_dir.display(),
         url = pg.url("demo"),
+        analytics = pg.url("analytics"),
     )
 }
 
@@ -146,12 +164,12 @@ fn change(g: &mut Rng, next_video: &mut u64) -> String {
     }
 }
 
-fn free_listen(wanted: Option<&str>) -> anyhow::Result<String> {
+fn free_listen(wanted: Option<&str>, default: &str) -> anyhow::Result<String> {
     if let Some(w) = wanted {
         return Ok(w.to_string());
     }
-    if std::net::TcpListener::bind("127.0.0.1:7700").is_ok() {
-        return Ok("127.0.0.1:7700".into());
+    if std::net::TcpListener::bind(default).is_ok() {
+        return Ok(default.into());
     }
     Ok(format!("127.0.0.1:{}", polylog_testkit::free_port()?))
 }
@@ -173,15 +191,21 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
     let pg = PgCluster::start().context("starting Postgres (the quickstart needs the Postgres 15 server binaries, e.g. `apt-get install postgresql`)")?;
     pg.create_database("demo")?;
     pg.psql("demo", SCHEMA)?;
-    let listen = free_listen(args.listen.as_deref())?;
+    pg.create_database("analytics")?;
+    let listen = free_listen(args.listen.as_deref(), "127.0.0.1:7700")?;
+    let collector = free_listen(None, "127.0.0.1:7701")?;
     let config_path = dir.join("polylog.toml");
-    std::fs::write(&config_path, config_text(&pg, &dir.join("data"), &listen))?;
+    std::fs::write(&config_path, config_text(&pg, &dir.join("data"), &listen, &collector))?;
     let config = Config::load(&config_path, true)?;
     println!("   {} (config: {})", pg.url("demo"), config_path.display());
     println!(
         "2. Capturing it (snapshot, then every change), keeping a document per video with its"
     );
     println!("   publisher and tags current, and indexing the documents for search.");
+    println!("   Collecting ad viewability events (generated, 200/s) on {collector}, anonymized,");
+    println!(
+        "   rolled up per minute into Postgres (database analytics), reported up to the second."
+    );
 
     let stop_arc = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -204,6 +228,22 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
             }
             changes
         });
+        // Viewability traffic, once the collector listens.
+        let collector = &collector;
+        scope.spawn(move || {
+            let mut g = polylog_events::gen::Generator::new(Default::default());
+            while !stop.load(Ordering::SeqCst) {
+                if std::net::TcpStream::connect(collector).is_ok() {
+                    if let Err(e) = crate::gen::send(&mut g, collector, 200, 0, stop, false) {
+                        if !stop.load(Ordering::SeqCst) {
+                            println!("   the event generator stopped: {e:#}");
+                        }
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
         let started = Instant::now();
         let (listen, config_path, me, pg) = (&listen, &config_path, &me, &pg);
         scope.spawn(move || {
@@ -219,6 +259,9 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
                     println!(
                         "     curl '{url}/%7B%22id%22:1%7D'          # the document of video 1"
                     );
+                    let reports = format!("http://{listen}/v1/reports/viewability");
+                    println!("     curl '{reports}?from=now-1h&group_by=device'   # up to the second");
+                    println!("     curl '{reports}?from=now-1h&interval=minute&group_by=site_category&format=csv'");
                     println!("     {me} -c {} status", config_path.display());
                     println!(
                         "     {me} -c {} topics tail views.videos -n 2",
@@ -261,11 +304,16 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
     println!(
-        "4. Stopped: {} change events captured, {} documents written by the view, {} indexed.",
+        "4. Stopped: {} change events captured, {} documents written by the view, {} indexed;",
         status["sources"]["demo"]["events"].as_u64().unwrap_or(0)
             + status["sources"]["demo"]["snapshot_rows"].as_u64().unwrap_or(0),
         status["views"]["videos"]["documents"].as_u64().unwrap_or(0),
         status["sinks"]["videos"]["records"].as_u64().unwrap_or(0),
+    );
+    println!(
+        "   {} events collected, {} rolled up.",
+        status["collector"]["accepted"].as_u64().unwrap_or(0),
+        status["rollups"]["viewability"]["events"].as_u64().unwrap_or(0),
     );
     println!("   Everything is in {}; the Postgres it used is gone.", dir.display());
     Ok(())

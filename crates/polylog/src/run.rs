@@ -114,20 +114,21 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     // The HTTP API serves the search indexes and the reports (the rest of the API is not
     // built yet).
-    let listener =
-        if !rollups.is_empty() || sinks.iter().any(|(_, s)| matches!(s.cfg, polylog_sinks::SinkConfig::Search(_))) {
-            for (_, s) in &sinks {
-                if matches!(s.cfg, polylog_sinks::SinkConfig::Search(_)) {
-                    s.search_index()?;
-                }
+    let listener = if !rollups.is_empty()
+        || sinks.iter().any(|(_, s)| matches!(s.cfg, polylog_sinks::SinkConfig::Search(_)))
+    {
+        for (_, s) in &sinks {
+            if matches!(s.cfg, polylog_sinks::SinkConfig::Search(_)) {
+                s.search_index()?;
             }
-            let l = std::net::TcpListener::bind(&config.api.listen)
-                .with_context(|| format!("`api.listen`: cannot listen on {}", config.api.listen))?;
-            eprintln!("polylog: API on http://{}/v1/", config.api.listen);
-            Some(l)
-        } else {
-            None
-        };
+        }
+        let l = std::net::TcpListener::bind(&config.api.listen)
+            .with_context(|| format!("`api.listen`: cannot listen on {}", config.api.listen))?;
+        eprintln!("polylog: API on http://{}/v1/", config.api.listen);
+        Some(l)
+    } else {
+        None
+    };
     let api = Arc::new(crate::api::Api {
         indexes: Arc::clone(&indexes),
         rollups: rollups.clone(),
@@ -237,7 +238,14 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
-                write_status(config, &statuses, &views, &sinks, collector_stats.as_deref(), &rollups);
+                write_status(
+                    config,
+                    &statuses,
+                    &views,
+                    &sinks,
+                    collector_stats.as_deref(),
+                    &rollups,
+                );
                 std::thread::sleep(STATUS_INTERVAL);
             }
             write_status(config, &statuses, &views, &sinks, collector_stats.as_deref(), &rollups);
@@ -407,7 +415,14 @@ pub fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
     if !config.rollups.is_empty() {
         println!();
         let mut rows = vec![[
-            "ROLLUP", "STATE", "STORED THROUGH", "OPEN BUCKETS", "EVENTS", "LATE", "LAG", "LAST ERROR",
+            "ROLLUP",
+            "STATE",
+            "STORED THROUGH",
+            "OPEN BUCKETS",
+            "EVENTS",
+            "LATE",
+            "LAG",
+            "LAST ERROR",
         ]
         .map(String::from)
         .to_vec()];
@@ -416,7 +431,11 @@ pub fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             let n = |k: &str| r[k].as_u64().map_or("-".to_string(), |v| v.to_string());
             rows.push(vec![
                 name.clone(),
-                if running { r["state"].as_str().unwrap_or("?").into() } else { "not running".into() },
+                if running {
+                    r["state"].as_str().unwrap_or("?").into()
+                } else {
+                    "not running".into()
+                },
                 r["flushed_through"].as_str().unwrap_or("-").to_string(),
                 n("open_buckets"),
                 n("events"),

@@ -2,3 +2,4 @@
 //! with a 4xx and its reason, no raw IP or user id on disk.
 
 mod collector;
+mod rollup;
