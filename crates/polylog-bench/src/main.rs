@@ -9,6 +9,7 @@
 mod cdc;
 mod events_ingest;
 mod log_append;
+mod report_latency;
 mod sink_postgres;
 mod sink_search;
 mod view_join;
@@ -68,6 +69,11 @@ const SCENARIOS: &[(&str, &str)] = &[
          write+fsync of the same request bytes (options: --requests N, --events-per-request N, --clients N)",
     ),
     (
+        "report_latency",
+        "median latency of a six-month report by campaign from a rollup (stored + open buckets), vs \
+         the same aggregation over the raw events in Postgres (options: --events N, --campaigns N, --runs N)",
+    ),
+    (
         "view_join",
         "input changes/s through a videos+publisher+tags view, vs querying Postgres for each \
          change's documents (options: --videos N, --changes N, --baseline-changes N, --cache-mb N)",
@@ -120,6 +126,7 @@ fn main() -> ExitCode {
         "cdc_snapshot" => cdc::snapshot(&opts),
         "view_join" => view_join::run(&opts),
         "events_ingest" => events_ingest::run(&opts),
+        "report_latency" => report_latency::run(&opts),
         "sink_postgres" => sink_postgres::run(&opts),
         "sink_search" => sink_search::run(&opts),
         other => Err(format!("unknown scenario {other:?}\n{}", usage())),

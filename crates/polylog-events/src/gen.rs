@@ -115,7 +115,7 @@ impl Generator {
             pick -= share;
         }
         let domain = self.domain(site);
-        let ip = if user % 10 == 0 {
+        let ip = if user.is_multiple_of(10) {
             format!("2001:db8:{:x}:{:x}::{:x}", user >> 16 & 0xffff, user & 0xffff, user % 97 + 1)
         } else {
             format!(
@@ -127,7 +127,7 @@ impl Generator {
             )
         };
         let size = SIZES[(campaign % SIZES.len() as u64) as usize];
-        let video = campaign % 5 == 0;
+        let video = campaign.is_multiple_of(5);
         let common = format!(
             r#""impression_id":"{imp}","campaign_id":"c-{campaign}","creative_id":"cr-{campaign}-{}","placement_id":"pl-{site}-{}","site_domain":"{domain}","page_url":"https://{domain}/articles/{}?utm_source=feed&uid={user}","ip":"{ip}","user_agent":"{ua}","user_id":"user-{user}""#,
             self.rng.below(3),

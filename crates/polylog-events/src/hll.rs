@@ -235,11 +235,11 @@ mod tests {
             let est = m.count() as f64;
             let err = if n == 0 { est } else { (est - n as f64).abs() / n as f64 };
             assert!(err <= 4.0 * STANDARD_ERROR, "n={n} estimate {est}");
-            let back = Hll::from_bytes(&m.to_bytes()).unwrap();
+            let back = Hll::from_bytes(&m.to_bytes()).expect("decodes");
             assert_eq!(back.count(), m.count());
             // Merging in the other order and in the stored form gives the same sketch.
             let mut m2 = b.clone();
-            m2.merge(&Hll::from_bytes(&a.to_bytes()).unwrap());
+            m2.merge(&Hll::from_bytes(&a.to_bytes()).expect("parses"));
             assert_eq!(m2.count(), m.count());
         }
         assert!(Hll::from_bytes(&[3, 1]).is_err());

@@ -184,6 +184,9 @@ pub struct Report {
     pub late_events: u64,
 }
 
+/// A group of a report: the period (with an interval) and the grouped dimension values.
+type GroupKey<'a> = dyn Fn(i64, &[String]) -> (Option<i64>, Vec<String>) + 'a;
+
 /// Groups rows, bounded.
 struct Groups {
     map: HashMap<(Option<i64>, Vec<String>), Agg>,
@@ -308,7 +311,7 @@ impl Rollup {
         c: &mut polylog_postgres::wire::Connection,
         q: &ReportQuery,
         groups: &mut Groups,
-        key: &dyn Fn(i64, &[String]) -> (Option<i64>, Vec<String>),
+        key: &GroupKey<'_>,
     ) -> Result<(), ReportError> {
         let mut segments = Vec::new();
         plan(q.from_ms, q.to_ms, q.interval.unwrap_or(GRAINS.len() - 1), &mut segments);

@@ -989,7 +989,7 @@ pub(crate) fn hex(bytes: &[u8], out: &mut Vec<u8>) {
 
 pub(crate) fn unhex(s: &str) -> Result<Vec<u8>, String> {
     let s = s.strip_prefix("\\x").unwrap_or(s);
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err("odd hex length".into());
     }
     let val = |c: u8| match c {

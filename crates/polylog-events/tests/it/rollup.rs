@@ -175,7 +175,7 @@ fn reports_equal_the_raw_aggregation_stored_and_open_buckets_together() {
         std::thread::spawn(move || r.run(&stop))
     };
     wait_for("the rollup to read everything", Duration::from_secs(60), || {
-        let st = rollup.status.lock().unwrap().clone();
+        let st = rollup.status.lock().expect("ok").clone();
         assert!(st.error.is_none(), "{st:?}");
         st.events == events.len() as u64 && st.lag_records == 0 && st.flushes > 0
     });
@@ -184,8 +184,8 @@ fn reports_equal_the_raw_aggregation_stored_and_open_buckets_together() {
         s.pg.psql("analytics", "SELECT count(*) FROM polylog_rollups WHERE flushed_through >= 0")
             .map(|o| o.trim() == "1")
             .unwrap_or(false)
-            && rollup.status.lock().unwrap().flushed_through.as_deref().is_some_and(|f| {
-                polylog_events::time::parse_time(f, 0).unwrap() >= now - 12 * minute
+            && rollup.status.lock().expect("ok").flushed_through.as_deref().is_some_and(|f| {
+                polylog_events::time::parse_time(f, 0).expect("ok") >= now - 12 * minute
             })
     });
     let stored: u64 =
@@ -218,7 +218,9 @@ fn reports_equal_the_raw_aggregation_stored_and_open_buckets_together() {
     let lo = from.div_euclid(minute) * minute;
     check(
         &r,
-        |row| format!("{} {}", row["time"].as_str().unwrap(), row["device"].as_str().unwrap()),
+        |row| {
+            format!("{} {}", row["time"].as_str().expect("ok"), row["device"].as_str().expect("ok"))
+        },
         &exact(&events, |e| {
             (e.ts_ms >= lo && (e.device == "mobile" || e.device == "tablet")).then(|| {
                 let hour = e.ts_ms.div_euclid(3_600_000) * 3_600_000;
@@ -231,7 +233,11 @@ fn reports_equal_the_raw_aggregation_stored_and_open_buckets_together() {
     check(
         &r,
         |row| {
-            format!("{} {}", row["time"].as_str().unwrap(), row["site_category"].as_str().unwrap())
+            format!(
+                "{} {}",
+                row["time"].as_str().expect("ok"),
+                row["site_category"].as_str().expect("ok")
+            )
         },
         &exact(&events, |e| {
             let day = e.ts_ms.div_euclid(86_400_000) * 86_400_000;
@@ -242,8 +248,8 @@ fn reports_equal_the_raw_aggregation_stored_and_open_buckets_together() {
             ))
         }),
     );
-    let q =
-        ReportQuery::parse(&rollup, &format!("{range}&format=csv"), polylog_log::now_ms()).unwrap();
+    let q = ReportQuery::parse(&rollup, &format!("{range}&format=csv"), polylog_log::now_ms())
+        .expect("ok");
     let csv = rollup.report(&q).expect("csv").to_csv();
     let all = exact(&events, |_| Some(String::new()));
     let lines: Vec<&str> = csv.lines().collect();
@@ -272,8 +278,8 @@ fn reports_equal_the_raw_aggregation_stored_and_open_buckets_together() {
             "analytics",
             "SELECT count(*) FROM pg_inherits WHERE inhparent = 'views_rollup_minute'::regclass",
         )
-        .unwrap();
-    assert!(parts.trim().parse::<u32>().unwrap() >= 1, "monthly partitions: {parts}");
+        .expect("ok");
+    assert!(parts.trim().parse::<u32>().expect("ok") >= 1, "monthly partitions: {parts}");
 
     // An event for a minute already stored is late: counted, not added.
     let before = report(&rollup, &range);
@@ -300,8 +306,8 @@ fn reports_equal_the_raw_aggregation_stored_and_open_buckets_together() {
     let mut secrets: HashSet<String> =
         ["user-", "utm_source", "uid=", "2001:db8"].map(String::from).into();
     for line in old.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
-        secrets.insert(v["ip"].as_str().unwrap().to_string());
+        let v: serde_json::Value = serde_json::from_slice(line).expect("ok");
+        secrets.insert(v["ip"].as_str().expect("ok").to_string());
     }
     for text in [&dump, &reports] {
         for needle in &secrets {
@@ -309,7 +315,7 @@ fn reports_equal_the_raw_aggregation_stored_and_open_buckets_together() {
         }
     }
     stop.store(true, Ordering::SeqCst);
-    runner.join().unwrap().expect("rollup run");
+    runner.join().expect("ok").expect("rollup run");
 }
 
 #[test]
@@ -340,7 +346,7 @@ fn a_rollup_restarted_anywhere_counts_every_event_once() {
         };
         std::thread::sleep(Duration::from_millis(20 + rng.below(200)));
         stop.store(true, Ordering::SeqCst);
-        h.join().unwrap().expect("run");
+        h.join().expect("ok").expect("run");
     }
     let r = make();
     let stop = Arc::new(AtomicBool::new(false));
@@ -351,11 +357,11 @@ fn a_rollup_restarted_anywhere_counts_every_event_once() {
     let range = format!("from={}&to={now}", now - 86_400_000);
     let total: u64 = want.values().map(|x| x.impressions).sum();
     wait_for("the rollup to catch up", Duration::from_secs(60), || {
-        r.status.lock().unwrap().state == "running"
+        r.status.lock().expect("ok").state == "running"
             && report(&r, &range)["rows"][0]["impressions"].as_u64() == Some(total)
     });
     let rep = report(&r, &format!("{range}&group_by=campaign_id"));
-    check(&rep, |row| row["campaign_id"].as_str().unwrap().to_string(), &want);
+    check(&rep, |row| row["campaign_id"].as_str().expect("ok").to_string(), &want);
     assert_eq!(rep["late_events"], 0);
     // A second process on the same rollup waits instead of writing too.
     let other = make();
@@ -365,12 +371,18 @@ fn a_rollup_restarted_anywhere_counts_every_event_once() {
         std::thread::spawn(move || o.run(&stop2))
     };
     wait_for("the second rollup to wait", Duration::from_secs(10), || {
-        other.status.lock().unwrap().error.as_deref().is_some_and(|e| e.contains("another process"))
+        other
+            .status
+            .lock()
+            .expect("ok")
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("another process"))
     });
     stop2.store(true, Ordering::SeqCst);
-    h2.join().unwrap().expect("second");
+    h2.join().expect("ok").expect("second");
     stop.store(true, Ordering::SeqCst);
-    h.join().unwrap().expect("run");
+    h.join().expect("ok").expect("run");
 }
 
 #[test]
@@ -378,17 +390,17 @@ fn a_changed_rollup_definition_is_refused_with_the_way_out() {
     let s = setup();
     let url = s.pg.url("analytics");
     let run = |dims: &[&str]| {
-        let r =
-            Rollup::new(RollupOptions::new("x", "events", &url, dims), Arc::clone(&s.log)).unwrap();
+        let r = Rollup::new(RollupOptions::new("x", "events", &url, dims), Arc::clone(&s.log))
+            .expect("ok");
         let stop = AtomicBool::new(false);
         std::thread::scope(|sc| {
             let h = sc.spawn(|| r.run(&stop));
             wait_for("the rollup to start or fail", Duration::from_secs(20), || {
-                let st = r.status.lock().unwrap().state.clone();
+                let st = r.status.lock().expect("ok").state.clone();
                 st == "running" || st == "failed" || st == "waiting"
             });
             stop.store(true, Ordering::SeqCst);
-            h.join().unwrap()
+            h.join().expect("ok")
         })
     };
     run(&["campaign_id"]).expect("first definition");
@@ -396,5 +408,5 @@ fn a_changed_rollup_definition_is_refused_with_the_way_out() {
     assert!(e.to_string().contains("give the changed rollup a new name"), "{e}");
     let bad =
         Rollup::new(RollupOptions::new("x", "events", &url, &["user_id"]), Arc::clone(&s.log));
-    assert!(bad.err().unwrap().to_string().contains("unknown dimension \"user_id\""));
+    assert!(bad.err().expect("ok").to_string().contains("unknown dimension \"user_id\""));
 }

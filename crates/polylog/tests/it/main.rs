@@ -514,3 +514,243 @@ fn run_collects_events_anonymized_and_status_counts_them() {
     let out = run.wait_with_output().expect("run exits");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Per campaign: impressions, measurable, viewable, clicks, in-view ms, invalid.
+fn totals(events: &[polylog_events::Event]) -> std::collections::BTreeMap<String, [u64; 6]> {
+    use polylog_events::EventKind;
+    let mut out = std::collections::BTreeMap::<String, [u64; 6]>::new();
+    for e in events {
+        let t = out.entry(e.campaign_id.clone()).or_default();
+        if e.invalid {
+            t[5] += 1;
+            continue;
+        }
+        match e.kind {
+            EventKind::Impression => t[0] += 1,
+            EventKind::Viewability => {
+                t[1] += 1;
+                t[2] += e.viewable.unwrap_or(false) as u64;
+                t[4] += e.in_view_ms.unwrap_or(0);
+            }
+            EventKind::Click => t[3] += 1,
+        }
+    }
+    out
+}
+
+fn report_totals(
+    listen: &str,
+    query: &str,
+) -> Option<std::collections::BTreeMap<String, [u64; 6]>> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(listen).ok()?;
+    write!(s, "GET /v1/reports/r?{query}&group_by=campaign_id HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()?;
+    let mut out = std::collections::BTreeMap::new();
+    for row in json["rows"].as_array()? {
+        let n = |k: &str| row[k].as_u64().unwrap_or(0);
+        out.insert(
+            row["campaign_id"].as_str()?.to_string(),
+            [
+                n("impressions"),
+                n("measurable"),
+                n("viewable"),
+                n("clicks"),
+                n("in_view_ms"),
+                n("invalid"),
+            ],
+        );
+    }
+    Some(out)
+}
+
+#[test]
+fn rollup_flushes_killed_20_times_still_count_every_event_once() {
+    let d = TempDir::new("rollup-kill");
+    let pg = polylog_testkit::PgCluster::start().expect("postgres");
+    pg.create_database("analytics").expect("db");
+    let (port, collector) = (
+        polylog_testkit::free_port().expect("a free port"),
+        polylog_testkit::free_port().expect("a free port"),
+    );
+    let listen = format!("127.0.0.1:{port}");
+    std::fs::write(
+        d.path().join("polylog.toml"),
+        format!(
+            "[api]\nlisten = \"{listen}\"\n[collector]\nlisten = \"127.0.0.1:{collector}\"\n\
+             topic = \"events\"\n[rollups.r]\ntopic = \"events\"\nurl = \"{}\"\n\
+             dimensions = [\"campaign_id\", \"device\", \"site_domain\"]\n\
+             lateness_seconds = 5\nflush_interval_ms = 10\n",
+            pg.url("analytics")
+        ),
+    )
+    .expect("config");
+    // Traffic whose clock runs fast (a minute per request, from 30 days ago), so minutes close
+    // and are flushed all the time; posted again until answered while Polylog is down.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poster = {
+        let (stop, addr) = (std::sync::Arc::clone(&stop), format!("127.0.0.1:{collector}"));
+        std::thread::spawn(move || {
+            let mut g = polylog_events::gen::Generator::new(polylog_events::gen::GenOptions {
+                campaigns: 30,
+                sites: 20,
+                users: 2_000,
+                seed: 3,
+            });
+            let mut t = polylog_log::now_ms() - 30 * 86_400_000;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (body, _) = g.batch(300, t, t + 60_000);
+                t += 60_000;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match polylog_events::gen::post(&addr, &body) {
+                        Ok((200, _)) => break,
+                        _ => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }
+        })
+    };
+    // A flush in progress: a statement of the flush transaction is running or just ran.
+    let in_flush = |statements: &str| {
+        pg.psql(
+            "analytics",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'analytics' AND \
+                 xact_start IS NOT NULL AND query ~ '^({statements})'"
+            ),
+        )
+        .map(|o| o.trim() != "0")
+        .unwrap_or(false)
+    };
+    let any = r"INSERT INTO (r_|polylog_rollup_offsets)|SELECT extract\(epoch FROM t\.bucket|UPDATE polylog_rollups|CREATE TABLE IF NOT EXISTS r_[a-z]+_p";
+    let last = r"UPDATE polylog_rollups|INSERT INTO polylog_rollup_offsets";
+    let mut rng = polylog_testkit::Rng::from_env("rollup_kill");
+    let (mut kills, mut attempts) = (0, 0);
+    while kills < 20 {
+        attempts += 1;
+        assert!(attempts < 100, "only {kills} kills landed in a flush in {attempts} runs");
+        let mut child =
+            polylog(d.path()).args(["run"]).stderr(Stdio::piped()).spawn().expect("run");
+        // Every third kill lands at the end of a flush, just before its commit; the others
+        // anywhere after one began (some after it committed).
+        let target = if attempts % 3 == 0 { last } else { any };
+        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut seen = false;
+        while Instant::now() < until && !seen {
+            seen = in_flush(target);
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                let mut err = String::new();
+                use std::io::Read;
+                child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
+                panic!("polylog run ended by itself ({status}) after {kills} kills: {err}");
+            }
+        }
+        if target == any {
+            std::thread::sleep(Duration::from_millis(rng.below(100)));
+        }
+        child.kill().expect("kill -9");
+        child.wait().expect("reaped");
+        kills += seen as u32;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    poster.join().expect("poster");
+    let mut child = polylog(d.path()).args(["run"]).stderr(Stdio::null()).spawn().expect("run");
+    let query = format!("from={}&to=now", polylog_log::now_ms() - 40 * 86_400_000);
+    // What the collector stored, read beside the running process.
+    let tail = ok(d.path(), &["topics", "tail", "events", "--from-beginning"], "");
+    let events: Vec<polylog_events::Event> = lines(&tail)
+        .into_iter()
+        .map(|l| serde_json::from_value(l["value"].clone()).expect("event"))
+        .collect();
+    let want = totals(&events);
+    let until = Instant::now() + Duration::from_secs(120);
+    let mut got = None;
+    while Instant::now() < until {
+        got = report_totals(&listen, &query);
+        if got.as_ref() == Some(&want) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    child.wait().expect("run exits");
+    assert_eq!(
+        got.as_ref(),
+        Some(&want),
+        "after {kills} kills in flushes ({attempts} runs), {} events",
+        events.len()
+    );
+    // Hours and days agree with the minutes stored.
+    let sums = |t: &str| {
+        pg.psql(
+            "analytics",
+            &format!(
+                "SELECT sum(impressions), sum(measurable), sum(clicks), sum(invalid) FROM r_{t}"
+            ),
+        )
+        .expect("sums")
+    };
+    assert_eq!(sums("minute"), sums("hour"));
+    assert_eq!(sums("minute"), sums("day"));
+}
+
+#[test]
+fn an_event_posted_is_in_the_next_report_within_2_seconds() {
+    let d = TempDir::new("up-to-the-minute");
+    let pg = polylog_testkit::PgCluster::start().expect("postgres");
+    pg.create_database("analytics").expect("db");
+    let (api, collector) =
+        (polylog_testkit::free_port().expect("port"), polylog_testkit::free_port().expect("port"));
+    std::fs::write(
+        d.path().join("polylog.toml"),
+        format!(
+            "[api]\nlisten = \"127.0.0.1:{api}\"\n[collector]\nlisten = \"127.0.0.1:{collector}\"\n\
+             topic = \"events\"\n[rollups.r]\ntopic = \"events\"\nurl = \"{}\"\n\
+             dimensions = [\"campaign_id\"]\n",
+            pg.url("analytics")
+        ),
+    )
+    .expect("config");
+    let mut child = polylog(d.path()).args(["run"]).stderr(Stdio::null()).spawn().expect("run");
+    let listen = format!("127.0.0.1:{api}");
+    let addr = format!("127.0.0.1:{collector}");
+    let mut slowest = Duration::ZERO;
+    for i in 0..5 {
+        let body = format!(
+            "{{\"type\":\"impression\",\"ts\":{},\"impression_id\":\"i{i}\",\"campaign_id\":\"fresh-{i}\",\"site_domain\":\"example.com\",\"user_agent\":\"Mozilla/5.0 (X11; Linux x86_64) Firefox/125.0\"}}\n",
+            polylog_log::now_ms()
+        );
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            match polylog_events::gen::post(&addr, body.as_bytes()) {
+                Ok((200, _)) => break,
+                other => assert!(Instant::now() < until, "the collector: {other:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let posted = Instant::now();
+        loop {
+            let r = report_totals(&listen, &format!("from=now-5m&filter=campaign_id:fresh-{i}"));
+            if r.as_ref().and_then(|r| r.get(&format!("fresh-{i}"))).map(|t| t[0]) == Some(1) {
+                break;
+            }
+            // The first report waits for the rollup to start; later ones are the measure.
+            let limit = if i == 0 { Duration::from_secs(30) } else { Duration::from_secs(2) };
+            assert!(
+                posted.elapsed() < limit,
+                "event {i} not in a report after {:?}",
+                posted.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if i > 0 {
+            slowest = slowest.max(posted.elapsed());
+        }
+    }
+    eprintln!("slowest event-to-report: {slowest:?}");
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(child.wait().expect("exits").success());
+}
