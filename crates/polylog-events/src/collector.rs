@@ -42,6 +42,8 @@ pub struct CollectorOptions {
     pub keep_days: u32,
     /// Site domain → category.
     pub site_categories: BTreeMap<String, String>,
+    /// Country lookup by IP (before the IP is cut to its prefix).
+    pub geo: Option<Arc<crate::geo::GeoDb>>,
 }
 
 impl CollectorOptions {
@@ -55,6 +57,7 @@ impl CollectorOptions {
             header_timeout: Duration::from_secs(5),
             keep_days: 2,
             site_categories: BTreeMap::new(),
+            geo: None,
         }
     }
 }
@@ -186,7 +189,10 @@ impl Collector {
             device: agent.device.to_string(),
             browser: agent.browser.to_string(),
             invalid: agent.invalid,
-            country: None,
+            country: match (&self.opts.geo, &raw.ip) {
+                (Some(db), Some(ip)) => ip.trim().parse().ok().and_then(|ip| db.country(ip)),
+                _ => None,
+            },
             ad_format: raw.ad_format,
             ad_size: raw.ad_size,
             in_view_pct: raw.in_view_pct,

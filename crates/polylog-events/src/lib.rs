@@ -10,6 +10,7 @@ pub mod anonymize;
 pub mod categorize;
 pub mod collector;
 pub mod gen;
+pub mod geo;
 pub mod hll;
 pub mod model;
 pub mod report;

@@ -163,6 +163,9 @@ pub struct CollectorConfig {
     /// Site domain → category (a domain matches itself and its subdomains).
     #[serde(default)]
     pub site_categories: BTreeMap<String, String>,
+    /// A MaxMind DB file (GeoIP2/GeoLite2 Country or City) for the events' `country`.
+    #[serde(default)]
+    pub geoip_db: Option<PathBuf>,
 }
 
 fn default_body_max_bytes() -> usize {

@@ -143,6 +143,11 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             opts.events_max = c.events_max;
             opts.keep_days = c.keep_key_days;
             opts.site_categories = c.site_categories.clone();
+            if let Some(path) = &c.geoip_db {
+                let db = polylog_events::geo::GeoDb::open(path)
+                    .map_err(|e| anyhow::anyhow!("`collector.geoip_db`: {e}"))?;
+                opts.geo = Some(Arc::new(db));
+            }
             let collector = polylog_events::Collector::new(
                 opts,
                 Arc::clone(&log),

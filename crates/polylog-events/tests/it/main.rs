@@ -2,4 +2,5 @@
 //! with a 4xx and its reason, no raw IP or user id on disk.
 
 mod collector;
+mod geo;
 mod rollup;
