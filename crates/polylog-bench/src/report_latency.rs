@@ -122,9 +122,10 @@ pub fn run(opts: &Opts) -> Result<(), String> {
     pg.psql(
         "analytics",
         "ALTER TABLE raw_events ADD COLUMN ts timestamptz; UPDATE raw_events SET ts = to_timestamp(ts_ms / 1000.0); \
-         CREATE INDEX ON raw_events (ts); VACUUM ANALYZE raw_events",
+         CREATE INDEX ON raw_events (ts)",
     )
     .map_err(err)?;
+    pg.psql("analytics", "VACUUM ANALYZE raw_events").map_err(err)?;
     let _ = std::fs::remove_file(&csv);
     println!(
         "  {stored} raw events loaded into Postgres in {:.1} s",

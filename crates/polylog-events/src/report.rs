@@ -275,7 +275,7 @@ impl Rollup {
                     groups.add(key(ms, &b.dims), &b.agg)?;
                 }
             }
-            (open.flushed_through, open.late_total)
+            (open.flushed_through, open.late_total + open.late_pending)
         };
         let result = self.read_stored(&mut c, q, &mut groups, &key);
         let _ = c.execute("COMMIT");

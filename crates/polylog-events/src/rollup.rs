@@ -274,7 +274,8 @@ pub(crate) struct Open {
     /// Every minute up to this one is in Postgres (`None`: nothing flushed yet).
     pub(crate) flushed_through: Option<i64>,
     pub(crate) late_total: u64,
-    late_pending: u64,
+    /// Late events not recorded in Postgres yet (the next flush does).
+    pub(crate) late_pending: u64,
     /// Whether the state was loaded from Postgres (reports wait for it).
     pub(crate) ready: bool,
 }
@@ -618,7 +619,7 @@ impl Rollup {
         }
         let (mut counted, mut skipped) = (0u64, 0u64);
         let partitions = reading.next.len();
-        {
+        let late = {
             let mut open = lock(&self.open);
             let open = &mut *open;
             for r in records {
@@ -664,10 +665,12 @@ impl Rollup {
                 b.first[p] = b.first[p].min(r.offset);
                 b.agg.add(&e);
             }
-        }
+            open.late_total + open.late_pending
+        };
         let mut st = lock(&self.status);
         st.events += counted;
         st.skipped += skipped;
+        st.late_events = late;
     }
 
     /// The watermark: the newest event time, advancing with the clock since it was seen, never
@@ -724,8 +727,12 @@ impl Rollup {
             }
             (resume, open.late_pending)
         };
-        let flushing = Arc::clone(&lock(&self.open).flushing);
-        let result = self.write_flush(c, &flushing, through, &resume, &reading.next, late, created);
+        let (flushing, prev) = {
+            let open = lock(&self.open);
+            (Arc::clone(&open.flushing), open.flushed_through)
+        };
+        let result =
+            self.write_flush(c, &flushing, (prev, through), &resume, &reading.next, late, created);
         let mut open = lock(&self.open);
         match result {
             Ok(()) => {
@@ -740,7 +747,7 @@ impl Rollup {
                 reading.consumed = reading.next.clone();
                 let mut st = lock(&self.status);
                 st.flushes += 1;
-                st.late_events = open.late_total;
+                st.late_events = open.late_total + open.late_pending;
                 st.flushed_through = Some(format_ms(through * 60_000));
                 st.open_buckets = open.buckets.len();
                 Ok(())
@@ -757,7 +764,7 @@ impl Rollup {
         &self,
         c: &mut Connection,
         closed: &[Bucket],
-        through: i64,
+        (prev, through): (Option<i64>, i64),
         resume: &[u64],
         consumed: &[u64],
         late: u64,
@@ -785,29 +792,36 @@ impl Rollup {
                 created.insert(name);
             }
         }
-        // Minutes: new rows (a conflict means someone else wrote them).
+        // A conflict on a new row: somebody else wrote the tables.
+        let conflict = |e: RollupError| match e {
+            RollupError::Pg(ref p) if p.code() == Some("23505") => RollupError::State(format!(
+                "the tables {}_* already hold buckets that polylog_rollups does not record as \
+                 written ({p}); drop the rollup's tables and its row in polylog_rollups to rebuild",
+                self.opts.table
+            )),
+            e => e,
+        };
+        // Minutes: new rows.
         for chunk in closed.chunks(self.opts.rows_per_statement.max(1)) {
             let rows: Vec<(i64, &[String], &Agg)> =
                 chunk.iter().map(|b| (b.minute * 60, b.dims.as_slice(), &b.agg)).collect();
-            self.insert_rows(c, "minute", &rows, false).map_err(|e| match e {
-                RollupError::Pg(ref p) if p.code() == Some("23505") => RollupError::State(format!(
-                    "{} already holds buckets that polylog_rollups does not record as written \
-                     ({p}); drop the rollup's tables and its row in polylog_rollups to rebuild",
-                    self.table("minute")
-                )),
-                e => e,
-            })?;
+            self.insert_rows(c, "minute", &rows, false).map_err(conflict)?;
         }
-        // Hours and days: add the minutes into what is stored.
+        // Hours and days: add the minutes into what is stored. Only the period holding the last
+        // flushed minute can have rows already (every closed minute is after it): those are
+        // read, added to and written back; the later periods are new rows.
         for (grain, ms) in &GRAINS[1..] {
             let mut sums: HashMap<(i64, &[String]), Agg> = HashMap::new();
             for b in closed {
                 let period = (b.minute * 60_000).div_euclid(*ms) * ms / 1000;
                 sums.entry((period, b.dims.as_slice())).or_default().merge(&b.agg);
             }
+            let boundary = prev.map(|f| (f * 60_000).div_euclid(*ms) * ms / 1000);
             let mut keys: Vec<(i64, &[String])> = sums.keys().copied().collect();
             keys.sort_unstable();
-            for chunk in keys.chunks(self.opts.rows_per_statement.max(1)) {
+            let (known, new): (Vec<_>, Vec<_>) =
+                keys.into_iter().partition(|k| Some(k.0) == boundary);
+            for chunk in known.chunks(self.opts.rows_per_statement.max(1)) {
                 let stored: HashMap<(i64, Vec<String>), Agg> = self
                     .stored_rows(c, grain, chunk)?
                     .into_iter()
@@ -823,6 +837,11 @@ impl Rollup {
                 let rows: Vec<(i64, &[String], &Agg)> =
                     chunk.iter().map(|k| (k.0, k.1, &sums[k])).collect();
                 self.insert_rows(c, grain, &rows, true)?;
+            }
+            for chunk in new.chunks(self.opts.rows_per_statement.max(1)) {
+                let rows: Vec<(i64, &[String], &Agg)> =
+                    chunk.iter().map(|k| (k.0, k.1, &sums[k])).collect();
+                self.insert_rows(c, grain, &rows, false).map_err(conflict)?;
             }
         }
         let name = self.opts.name.as_bytes();
