@@ -190,8 +190,10 @@ impl GeoDb {
         let field = |k: &str| {
             meta.get(k).and_then(Value::uint).ok_or_else(|| format!("its metadata has no {k}"))
         };
-        let node_count = field("node_count")? as usize;
-        let record_size = field("record_size")? as usize;
+        let node_count =
+            usize::try_from(field("node_count")?).map_err(|_| "node_count is too large")?;
+        let record_size =
+            usize::try_from(field("record_size")?).map_err(|_| "record size is too large")?;
         let ip_version = field("ip_version")?;
         if ![24, 28, 32].contains(&record_size) {
             return Err(format!("record size {record_size} is not 24, 28 or 32"));
@@ -201,7 +203,7 @@ impl GeoDb {
         }
         let tree = node_count
             .checked_mul(record_size / 4)
-            .filter(|&t| t + 16 <= start)
+            .filter(|&t| t.checked_add(16).is_some_and(|end| end <= start))
             .ok_or("its search tree is larger than the file")?;
         let mut db =
             GeoDb { bytes, node_count, record_size, ip_version, data: tree + 16, ipv4_start: 0 };

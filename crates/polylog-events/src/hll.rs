@@ -189,7 +189,8 @@ impl Hll {
                     return Err("a sparse sketch has a register out of range".into());
                 }
                 if !v.windows(2).all(|w| w[0].0 < w[1].0) {
-                    v.sort_unstable();
+                    // Each register once, with its highest rank.
+                    v.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
                     v.dedup_by_key(|e| e.0);
                 }
                 let mut h = Hll::Sparse(v);

@@ -17,7 +17,7 @@
 //! | `ad_format` | `"display"`, `"video"` | viewability: yes | the MRC rule differs |
 //! | `ad_size` | string like `"300x250"` | no | |
 //! | `in_view_pct` | number 0–100 | viewability: yes | share of the ad's pixels in view |
-//! | `in_view_ms` | integer ≥ 0 | viewability: yes | continuous time at that share |
+//! | `in_view_ms` | integer 0–86,400,000 | viewability: yes | continuous time at that share |
 //!
 //! Unknown fields are refused (a typo would otherwise lose data silently); strings are at
 //! most 2,048 bytes.
@@ -27,6 +27,8 @@ use serde_json::{Map, Value};
 
 /// Longest string accepted in any field.
 pub const STRING_MAX: usize = 2048;
+/// Longest continuous in-view time accepted: a day.
+const IN_VIEW_MS_MAX: u64 = 86_400_000;
 const FUTURE_MAX_MS: i64 = 24 * 3600 * 1000;
 const PAST_MAX_MS: i64 = 31 * 24 * 3600 * 1000;
 
@@ -205,9 +207,11 @@ impl RawEvent {
         };
         let in_view_ms = match obj.get("in_view_ms") {
             None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => {
-                Some(n.as_u64().ok_or("`in_view_ms` must be a whole number ≥ 0")?)
-            }
+            Some(Value::Number(n)) => Some(
+                n.as_u64()
+                    .filter(|ms| *ms <= IN_VIEW_MS_MAX)
+                    .ok_or("`in_view_ms` must be a whole number from 0 to 86400000 (a day)")?,
+            ),
             Some(other) => {
                 return Err(format!("`in_view_ms` must be a number, not {}", kind_of(other)))
             }

@@ -85,8 +85,8 @@ impl ReportQuery {
             },
         );
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = crate::server::url_decode(v);
+            let (k, raw) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = crate::server::url_decode(raw);
             match k {
                 "from" => from = Some(parse_time(&v, now_ms)?),
                 "to" => to = Some(parse_time(&v, now_ms)?),
@@ -107,7 +107,10 @@ impl ReportQuery {
                     }
                 }
                 "filter" => {
-                    for term in v.split(',').filter(|t| !t.is_empty()) {
+                    // Split before decoding: a value may hold an encoded comma (%2C).
+                    for term in
+                        raw.split(',').map(crate::server::url_decode).filter(|t| !t.is_empty())
+                    {
                         let (n, value) = term.split_once(':').ok_or_else(|| {
                             format!("filter term {term:?} is not dimension:value")
                         })?;
@@ -258,24 +261,49 @@ impl Rollup {
             )
         };
         let mut groups = Groups { map: HashMap::new() };
-        let (flushed_through, late_events) = {
+        // A Postgres snapshot and a copy of the open buckets that agree: the snapshot's last
+        // flushed minute is the one memory starts after (a flush commits, then moves memory
+        // on, under the lock; if one lands in between, take both again).
+        let mut attempt = 0;
+        let (flushed_through, late_events) = loop {
+            attempt += 1;
+            let rows = c.query(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+                 SELECT flushed_through FROM polylog_rollups WHERE name = {}",
+                quote_literal(&self.opts.name)
+            ))?;
+            let stored: Option<i64> =
+                rows.first().and_then(|r| r[0].as_deref()).and_then(|v| v.parse().ok());
             let open = lock(&self.open);
             if !open.ready {
+                drop(open);
+                let _ = c.execute("ROLLBACK");
                 lock(&self.pool).push(c);
                 return Err(ReportError::Unavailable(format!(
-                    "rollup {} is starting or reconnecting to Postgres; try again shortly",
+                    "rollup {} is starting, catching up or reconnecting to Postgres; try again \
+                     shortly",
                     self.opts.name
                 )));
             }
-            // The snapshot is taken while the open buckets cannot move to Postgres.
-            c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")?;
+            if open.flushed_through != stored {
+                drop(open);
+                c.execute("ROLLBACK")?;
+                if attempt >= 20 {
+                    return Err(ReportError::Unavailable(
+                        "the rollup is flushing too often to take a consistent report; try again"
+                            .into(),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                continue;
+            }
             for b in open.buckets.values().chain(open.flushing.iter()) {
                 let ms = b.minute * 60_000;
                 if ms >= q.from_ms && ms < q.to_ms && wanted(&b.dims) {
                     groups.add(key(ms, &b.dims), &b.agg)?;
                 }
             }
-            (open.flushed_through, open.late_total + open.late_pending)
+            break (open.flushed_through, open.late_total + open.late_pending);
         };
         let result = self.read_stored(&mut c, q, &mut groups, &key);
         let _ = c.execute("COMMIT");
@@ -325,7 +353,7 @@ impl Rollup {
         for (grain, start, end) in segments {
             let sql = format!(
                 "COPY (SELECT (extract(epoch FROM bucket) * 1000)::bigint, {}, impressions, \
-                 measurable, viewable, clicks, in_view_ms, invalid, users FROM {}_{} WHERE bucket \
+                 measurable, viewable, clicks, in_view_ms, invalid, encode(users, 'hex') FROM {}_{} WHERE bucket \
                  >= '{}' AND bucket < '{}'{filter}) TO STDOUT",
                 dims.join(", "),
                 self.opts.table,
@@ -348,7 +376,8 @@ impl Rollup {
                 let num = |f: &[u8]| -> u64 {
                     std::str::from_utf8(f).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
                 };
-                let ms = num(fields[0]) as i64;
+                let ms: i64 =
+                    std::str::from_utf8(fields[0]).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
                 for (i, d) in row_dims.iter_mut().enumerate() {
                     *d = copy_field(fields[i + 1]).unwrap_or_default();
                 }

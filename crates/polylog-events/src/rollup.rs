@@ -93,7 +93,12 @@ pub enum RollupError {
 impl RollupError {
     fn retryable(&self) -> bool {
         match self {
-            RollupError::Pg(e) => e.is_retryable(),
+            // Also deadlocks, serialization failures, lock and statement timeouts, a full disk.
+            RollupError::Pg(e) => {
+                e.is_retryable()
+                    || e.code()
+                        .is_some_and(|c| ["40P01", "40001", "55P03", "57014", "53100"].contains(&c))
+            }
             RollupError::Busy(_) => true,
             _ => false,
         }
@@ -185,8 +190,26 @@ pub(crate) struct Slim<'a> {
     viewable: Option<bool>,
 }
 
+/// Longest dimension value kept (longer ones are cut at a character boundary): the key of
+/// a bucket row must fit a Postgres index entry.
+const DIM_MAX: usize = 200;
+
 impl Dim {
+    /// The event's value, cut to [`DIM_MAX`] bytes, up to any NUL (which Postgres text refuses).
     fn of<'a>(self, e: &'a Slim<'a>) -> &'a str {
+        let v = self.raw(e);
+        let v = v.split('\0').next().unwrap_or("");
+        if v.len() <= DIM_MAX {
+            return v;
+        }
+        let mut end = DIM_MAX;
+        while !v.is_char_boundary(end) {
+            end -= 1;
+        }
+        &v[..end]
+    }
+
+    fn raw<'a>(self, e: &'a Slim<'a>) -> &'a str {
         let opt = |v: &'a Option<Cow<'a, str>>| v.as_deref().unwrap_or("");
         match self {
             Dim::Type => match e.kind {
@@ -235,7 +258,8 @@ impl Agg {
             EventKind::Viewability => {
                 self.measurable += 1;
                 self.viewable += e.viewable.unwrap_or(false) as u64;
-                self.in_view_ms += e.in_view_ms.unwrap_or(0);
+                self.in_view_ms = (self.in_view_ms.saturating_add(e.in_view_ms.unwrap_or(0)))
+                    .min(i64::MAX as u64);
             }
             EventKind::Click => self.clicks += 1,
         }
@@ -249,7 +273,7 @@ impl Agg {
         self.measurable += o.measurable;
         self.viewable += o.viewable;
         self.clicks += o.clicks;
-        self.in_view_ms += o.in_view_ms;
+        self.in_view_ms = self.in_view_ms.saturating_add(o.in_view_ms).min(i64::MAX as u64);
         self.invalid += o.invalid;
         self.users.merge(&o.users);
     }
@@ -389,7 +413,13 @@ impl Rollup {
         let mut backoff = Duration::from_millis(200);
         loop {
             let started = Instant::now();
-            match self.run_once(stop) {
+            let result = self.run_once(stop);
+            if result.is_err() {
+                // What is in memory may be in Postgres too (a commit whose answer was lost):
+                // reports wait until it is rebuilt from the recorded state.
+                *lock(&self.open) = Open::default();
+            }
+            match result {
                 Ok(()) => {
                     lock(&self.status).state = "stopped".into();
                     return Ok(());
@@ -454,6 +484,11 @@ impl Rollup {
             (self.opts.topic.clone(), self.opts.table.clone(), self.opts.dimensions.join(","));
         match rows.first() {
             None => {
+                // A new rollup (or one whose state was deleted to rebuild it): from the start.
+                c.query_params(
+                    "DELETE FROM polylog_rollup_offsets WHERE name = $1",
+                    &[self.opts.name.as_bytes()],
+                )?;
                 c.query_params(
                     "INSERT INTO polylog_rollups (name, topic, table_prefix, dimensions) VALUES ($1, $2, $3, $4)",
                     &[self.opts.name.as_bytes(), want.0.as_bytes(), want.1.as_bytes(), want.2.as_bytes()],
@@ -552,38 +587,65 @@ impl Rollup {
             reading.consumed.push(consumed);
             readers.push(reader);
         }
+        // Reports wait until the open buckets are rebuilt: until reading reaches where the log
+        // ended at start.
+        let mut catch_up = Vec::new();
+        for p in 0..partitions {
+            catch_up.push(self.log.durable_offset(&self.opts.topic, p)?);
+        }
         {
             let mut open = lock(&self.open);
             open.flushed_through = flushed_through;
             open.late_total = late_total;
-            open.ready = true;
             let mut st = lock(&self.status);
             st.state = "running".into();
             st.error = None;
             st.late_events = late_total;
             st.flushed_through = flushed_through.map(|m| format_ms(m * 60_000));
         }
+        let mut ready = false;
         let mut created: HashSet<String> = HashSet::new();
         let mut last_flush = Instant::now();
         let mut last_lag = Instant::now() - Duration::from_secs(10);
         let mut key = Vec::new();
         while !stop.load(Ordering::SeqCst) {
             let full = lock(&self.open).buckets.len() >= self.opts.open_max;
+            // When full, only the partitions holding the watermark back are read (so minutes
+            // can close and make room).
+            let holding = reading
+                .behind
+                .iter()
+                .zip(&reading.partition_max)
+                .filter(|(b, _)| **b)
+                .map(|(_, m)| m.unwrap_or(i64::MIN))
+                .min();
             let mut got = 0;
-            if !full {
-                for (p, reader) in readers.iter_mut().enumerate() {
-                    let records = reader.poll(POLL_MAX, Duration::ZERO)?;
-                    got += records.len();
-                    reading.behind[p] = records.len() == POLL_MAX;
-                    self.add_records(p, &records, &mut reading, &mut key);
+            for (p, reader) in readers.iter_mut().enumerate() {
+                if full
+                    && !(reading.behind[p]
+                        && Some(reading.partition_max[p].unwrap_or(i64::MIN)) == holding)
+                {
+                    continue;
                 }
-                if got == 0 {
+                let records = reader.poll(POLL_MAX, Duration::ZERO)?;
+                got += records.len();
+                self.add_records(p, &records, &mut reading, &mut key);
+                reading.behind[p] =
+                    self.log.durable_offset(&self.opts.topic, p as u32)? > reading.next[p];
+            }
+            if got == 0 {
+                if full {
+                    std::thread::sleep(Duration::from_millis(20));
+                } else {
                     let records = readers[0].poll(POLL_MAX, Duration::from_millis(50))?;
-                    reading.behind[0] = records.len() == POLL_MAX;
                     self.add_records(0, &records, &mut reading, &mut key);
+                    reading.behind[0] =
+                        self.log.durable_offset(&self.opts.topic, 0)? > reading.next[0];
                 }
-            } else {
-                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !ready && reading.next.iter().zip(&catch_up).all(|(n, c)| n >= c) {
+                ready = true;
+                lock(&self.open).ready = true;
             }
             if last_flush.elapsed() >= self.opts.flush_interval || full {
                 last_flush = Instant::now();

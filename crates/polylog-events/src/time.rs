@@ -43,6 +43,15 @@ pub fn month_bounds(ms: i64) -> (i64, i64) {
 /// Parses a report bound: `now`, `now-15m` (`s`, `m`, `h`, `d`, `w`; `mo` = 30 days), ms since
 /// the epoch, `2026-05-01`, or `2026-05-01T10:00[:00][Z|+02:00]`.
 pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
+    let ms = parse_unbounded(s, now_ms)?;
+    // From 1970 to the end of 9999: no arithmetic on it can overflow.
+    if !(0..=253_402_300_799_999).contains(&ms) {
+        return Err(format!("{s:?} is outside 1970 to 9999"));
+    }
+    Ok(ms)
+}
+
+fn parse_unbounded(s: &str, now_ms: i64) -> Result<i64, String> {
     let bad = || {
         format!(
             "{s:?} is not a time: use now, now-6h (s, m, h, d, w, mo), ms since the epoch, \
@@ -65,7 +74,7 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
             "mo" => 30 * 86_400_000,
             _ => return Err(bad()),
         };
-        return n.checked_mul(unit).map(|d| now_ms - d).ok_or_else(bad);
+        return n.checked_mul(unit).and_then(|d| now_ms.checked_sub(d)).ok_or_else(bad);
     }
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         return s.parse().map_err(|_| bad());
@@ -77,7 +86,13 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
         return Err(bad());
     }
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
+    let days_in_month = match mo {
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if !(1..=12).contains(&mo) || d < 1 || d > days_in_month {
         return Err(bad());
     }
     let mut ms = days_from_civil(y, mo as u32, d as u32) * 86_400_000;
@@ -103,11 +118,17 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
     match zone {
         "" | "Z" => {}
         z => {
-            let sign = if z.starts_with('-') { 1 } else { -1 };
+            // Exactly +HH:MM or -HH:MM.
+            let sign = match z.as_bytes()[0] {
+                b'-' => 1,
+                b'+' => -1,
+                _ => return Err(bad()),
+            };
             let (h, m) = z[1..].split_once(':').ok_or_else(bad)?;
-            let off =
-                h.parse::<i64>().map_err(|_| bad())? * 60 + m.parse::<i64>().map_err(|_| bad())?;
-            ms += sign * off * 60_000;
+            let h: i64 =
+                h.parse().ok().filter(|h| (0..=23).contains(h) && z.len() == 6).ok_or_else(bad)?;
+            let m: i64 = m.parse().ok().filter(|m| (0..=59).contains(m)).ok_or_else(bad)?;
+            ms += sign * (h * 60 + m) * 60_000;
         }
     }
     Ok(ms)
@@ -132,7 +153,22 @@ mod tests {
         assert_eq!(parse_time("1795696496000", 0).expect("parses"), 1_795_696_496_000);
         assert_eq!(month_bounds(1_795_696_496_000).0, parse_time("2026-11-01", 0).expect("parses"));
         assert_eq!(month_bounds(1_795_696_496_000).1, parse_time("2026-12-01", 0).expect("parses"));
-        for bad in ["", "yesterday", "now+1h", "2026-13-01", "2026-11-26T25:00", "now-3y"] {
+        assert_eq!(parse_time("2024-02-29", 0).expect("leap day"), 1_709_164_800_000);
+        for bad in [
+            "",
+            "yesterday",
+            "now+1h",
+            "2026-13-01",
+            "2026-02-29",
+            "2026-04-31",
+            "2026-11-26T25:00",
+            "2026-11-26T10:00Z05:00",
+            "2026-11-26T10:00+99:00",
+            "now-3y",
+            "now-99999999999999mo",
+            "99999999999999999999",
+            "1969-12-31",
+        ] {
             assert!(parse_time(bad, 0).is_err(), "{bad}");
         }
     }
