@@ -952,12 +952,7 @@ impl Rollup {
             if i > 0 {
                 json.push(b',');
             }
-            json.extend_from_slice(format!("{{\"b\":{secs}").as_bytes());
-            for (j, d) in dims.iter().enumerate() {
-                json.extend_from_slice(format!(",\"d{j}\":").as_bytes());
-                serde_json::to_writer(&mut json, d)
-                    .map_err(|e| RollupError::State(e.to_string()))?;
-            }
+            key_json(&mut json, *secs, dims)?;
             json.extend_from_slice(
                 format!(
                     ",\"i\":{},\"m\":{},\"v\":{},\"c\":{},\"ms\":{},\"inv\":{},\"u\":\"",
@@ -1004,12 +999,7 @@ impl Rollup {
             if i > 0 {
                 json.push(b',');
             }
-            json.extend_from_slice(format!("{{\"b\":{secs}").as_bytes());
-            for (j, d) in dims.iter().enumerate() {
-                json.extend_from_slice(format!(",\"d{j}\":").as_bytes());
-                serde_json::to_writer(&mut json, d)
-                    .map_err(|e| RollupError::State(e.to_string()))?;
-            }
+            key_json(&mut json, *secs, dims)?;
             json.extend_from_slice(
                 b",\"i\":0,\"m\":0,\"v\":0,\"c\":0,\"ms\":0,\"inv\":0,\"u\":\"\"}",
             );
@@ -1058,6 +1048,16 @@ impl Rollup {
         }
         Ok(out)
     }
+}
+
+/// Starts a row of the recordset: `{"b":<secs>,"d0":<dimension>,...`.
+fn key_json(json: &mut Vec<u8>, secs: i64, dims: &[String]) -> Result<(), RollupError> {
+    json.extend_from_slice(format!("{{\"b\":{secs}").as_bytes());
+    for (j, d) in dims.iter().enumerate() {
+        json.extend_from_slice(format!(",\"d{j}\":").as_bytes());
+        serde_json::to_writer(&mut *json, d).map_err(|e| RollupError::State(e.to_string()))?;
+    }
+    Ok(())
 }
 
 pub(crate) fn hex(bytes: &[u8], out: &mut Vec<u8>) {
