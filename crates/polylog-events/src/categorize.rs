@@ -1,9 +1,10 @@
 //! Categorization: device class and browser from the user agent, bots and crawlers flagged as
 //! invalid traffic, site category from a configured domain map.
 //!
-//! The user-agent rules are built in (the major browsers and devices, and the common bots,
-//! crawlers, headless browsers and HTTP libraries); a maintained parser crate is not wired in
-//! yet.
+//! User agents are parsed by the `woothee` crate (Project Woothee's shared dataset of
+//! browsers, operating systems and crawlers), refined by our own rules where it says too
+//! little for ad measurement: connected TVs, tablets (woothee calls them smartphones), and
+//! bots it does not know (headless browsers, HTTP libraries, monitors).
 
 use std::collections::BTreeMap;
 
@@ -47,7 +48,9 @@ pub fn user_agent(ua: Option<&str>) -> Agent {
         return Agent { device: "unknown", browser: "unknown", invalid: true };
     };
     let u = ua.to_ascii_lowercase();
-    if BOTS.iter().any(|b| u.contains(b)) {
+    let parsed = woothee::parser::Parser::new().parse(ua);
+    let category = parsed.as_ref().map_or("UNKNOWN", |p| p.category);
+    if category == "crawler" || BOTS.iter().any(|b| u.contains(b)) {
         return Agent { device: "bot", browser: "bot", invalid: true };
     }
     let device = if [
@@ -63,6 +66,12 @@ pub fn user_agent(ua: Option<&str>) -> Agent {
         || u.contains("tablet")
     {
         "tablet"
+    } else if category == "appliance" {
+        "ctv"
+    } else if category == "smartphone" || category == "mobilephone" {
+        "mobile"
+    } else if category == "pc" {
+        "desktop"
     } else if u.contains("mobile") || u.contains("iphone") || u.contains("android") {
         "mobile"
     } else if u.contains("windows")
@@ -74,7 +83,21 @@ pub fn user_agent(ua: Option<&str>) -> Agent {
     } else {
         "unknown"
     };
-    let browser = if u.contains("edg/") || u.contains("edge/") {
+    // Woothee's browser name when it knows one we report, else our rules.
+    let known = [
+        "Chrome",
+        "Safari",
+        "Firefox",
+        "Edge",
+        "Opera",
+        "Internet Explorer",
+        "Vivaldi",
+        "Yandex Browser",
+    ];
+    let named = parsed.as_ref().and_then(|p| known.iter().find(|k| **k == p.name).copied());
+    let browser = if let Some(name) = named {
+        name
+    } else if u.contains("edg/") || u.contains("edge/") {
         "Edge"
     } else if u.contains("opr/") || u.contains("opera") {
         "Opera"
@@ -123,6 +146,13 @@ mod tests {
         assert!(user_agent(Some(bot)).invalid);
         assert!(user_agent(Some("Mozilla/5.0 HeadlessChrome/119.0")).invalid);
         assert!(user_agent(None).invalid);
+        // What the parser crate knows beyond our rules: a crawler without bot in its name,
+        // and a browser built on Chrome.
+        assert!(user_agent(Some("Mediapartners-Google")).invalid);
+        let vivaldi = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 Vivaldi/6.5.3206.48";
+        assert_eq!(user_agent(Some(vivaldi)).browser, "Vivaldi");
+        let nintendo = "Mozilla/5.0 (Nintendo WiiU) AppleWebKit/536.30 (KHTML, like Gecko) NX/3.0.4.2.12 NintendoBrowser/4.3.1.11264.US";
+        assert_eq!(user_agent(Some(nintendo)).device, "ctv");
         let map: BTreeMap<String, String> =
             [("example.com", "news"), ("sport.example.com", "sports")]
                 .map(|(a, b)| (a.to_string(), b.to_string()))
