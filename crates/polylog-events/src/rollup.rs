@@ -317,7 +317,7 @@ pub struct RollupStatus {
     /// Records that are not events (skipped).
     pub skipped: u64,
     pub open_buckets: usize,
-    /// The newest minute stored in Postgres.
+    /// Events up to this time (the end of the newest stored minute) are in Postgres.
     pub flushed_through: Option<String>,
     pub flushes: u64,
     /// Durable records of the topic not read yet.
@@ -601,7 +601,7 @@ impl Rollup {
             st.state = "running".into();
             st.error = None;
             st.late_events = late_total;
-            st.flushed_through = flushed_through.map(|m| format_ms(m * 60_000));
+            st.flushed_through = flushed_through.map(|m| format_ms(m * 60_000 + 59_999));
         }
         let mut ready = false;
         let mut created: HashSet<String> = HashSet::new();
@@ -810,7 +810,7 @@ impl Rollup {
                 let mut st = lock(&self.status);
                 st.flushes += 1;
                 st.late_events = open.late_total + open.late_pending;
-                st.flushed_through = Some(format_ms(through * 60_000));
+                st.flushed_through = Some(format_ms(through * 60_000 + 59_999));
                 st.open_buckets = open.buckets.len();
                 Ok(())
             }
