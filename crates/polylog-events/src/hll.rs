@@ -154,10 +154,6 @@ impl Hll {
         estimate.round() as u64
     }
 
-    pub fn is_empty(&self) -> bool {
-        matches!(self, Hll::Sparse(v) if v.is_empty())
-    }
-
     pub fn to_bytes(&self) -> Vec<u8> {
         match self {
             Hll::Sparse(v) => {

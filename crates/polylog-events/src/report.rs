@@ -381,11 +381,6 @@ impl Rollup {
                 for (i, d) in row_dims.iter_mut().enumerate() {
                     *d = copy_field(fields[i + 1]).unwrap_or_default();
                 }
-                if !q.filters.is_empty()
-                    && !q.filters.iter().all(|(i, vs)| vs.iter().any(|v| *v == row_dims[*i]))
-                {
-                    return Ok(());
-                }
                 let users = copy_field(fields[n + 7])
                     .ok_or_else(|| "null sketch".to_string())
                     .and_then(|h| unhex(&h))
