@@ -37,6 +37,8 @@ pub enum PgError {
         message: String,
         detail: Option<String>,
         hint: Option<String>,
+        /// Where it happened (`COPY t, line 3, column x: "..."`); not part of the message.
+        context: Option<String>,
     },
     #[error("unexpected message from the server: {0}")]
     Protocol(String),
@@ -379,6 +381,7 @@ fn server_error(body: &[u8]) -> PgError {
         message: fields.remove(&b'M').unwrap_or_default(),
         detail: fields.remove(&b'D'),
         hint: fields.remove(&b'H'),
+        context: fields.remove(&b'W'),
     }
 }
 
@@ -746,6 +749,65 @@ impl Connection {
                     }
                     return error.map_or(Ok(rows), |e| Err(e.into()));
                 }
+                _ => self.background(&m)?,
+            }
+        }
+    }
+
+    /// Starts `COPY ... FROM STDIN`: afterwards send the data with [`Connection::copy_in_send`]
+    /// and end it with [`Connection::copy_in_finish`].
+    pub fn copy_in_start(&mut self, sql: &str) -> Result<(), PgError> {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        self.stream.write_all(&frame(b'Q', &body))?;
+        let mut error = None;
+        loop {
+            let m = self.read_required()?;
+            match m.kind {
+                b'G' => return Ok(()),
+                b'E' => error = Some(server_error(&m.body)),
+                b'Z' => {
+                    return Err(error.unwrap_or_else(|| {
+                        PgError::Protocol("the statement did not start a COPY FROM STDIN".into())
+                    }))
+                }
+                b'T' | b'C' | b'D' | b'I' => {}
+                _ => self.background(&m)?,
+            }
+        }
+    }
+
+    /// Sends COPY data (any split: messages need not align with rows). A server error while
+    /// sending is reported by [`Connection::copy_in_finish`]; the server drops the rest.
+    pub fn copy_in_send(&mut self, data: &[u8]) -> Result<(), PgError> {
+        for piece in data.chunks(MESSAGE_BYTES_MAX / 2) {
+            let mut head = [b'd', 0, 0, 0, 0];
+            head[1..].copy_from_slice(&((piece.len() + 4) as i32).to_be_bytes());
+            self.stream.write_all(&head)?;
+            self.stream.write_all(piece)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the COPY data; returns the number of rows the server stored, or its error.
+    pub fn copy_in_finish(&mut self) -> Result<u64, PgError> {
+        self.stream.write_all(&frame(b'c', &[]))?;
+        let mut error = None;
+        let mut rows = 0;
+        loop {
+            let m = self.read_required()?;
+            match m.kind {
+                b'C' => {
+                    let tag = String::from_utf8_lossy(&m.body);
+                    rows = tag
+                        .trim_end_matches('\0')
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                }
+                b'E' => error = Some(server_error(&m.body)),
+                b'Z' => return error.map_or(Ok(rows), Err),
                 _ => self.background(&m)?,
             }
         }

@@ -9,6 +9,61 @@ use polylog_events::gen::{post, GenOptions, Generator};
 pub enum GenCommand {
     /// Post generated events to a collector (`POST /v1/events`) at a steady rate.
     Events(EventsArgs),
+    /// Write wide summary rows as CSV (and the schema file that creates their table), for
+    /// `polylog load`.
+    WideRows(WideRowsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WideRowsArgs {
+    #[arg(long, default_value_t = 120)]
+    pub columns: usize,
+    #[arg(long, default_value_t = 100_000)]
+    pub rows: u64,
+    /// Rows spread over this many days from 2026-01-01 (column `day`).
+    #[arg(long, default_value_t = 60)]
+    pub days: u64,
+    /// The CSV file [default: standard output].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<std::path::PathBuf>,
+    /// Also write the schema file for `polylog load --schema`.
+    #[arg(long, value_name = "FILE")]
+    pub schema_out: Option<std::path::PathBuf>,
+    /// In the schema file, partition the table by month of `day`.
+    #[arg(long)]
+    pub partitioned: bool,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+pub fn wide_rows(args: &WideRowsArgs) -> anyhow::Result<()> {
+    if args.columns < 3 {
+        bail!("--columns must be at least 3 (id, day, updated_at)");
+    }
+    let g = polylog_load::gen::WideRows {
+        columns: args.columns,
+        rows: args.rows,
+        days: args.days,
+        null_percent: 5,
+        seed: args.seed,
+    };
+    if let Some(p) = &args.schema_out {
+        std::fs::write(p, polylog_load::gen::schema_toml(args.columns, args.partitioned))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    match &args.out {
+        Some(p) => {
+            let f =
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            g.write_csv(&mut w).with_context(|| format!("writing {}", p.display()))?;
+        }
+        None => {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+            g.write_csv(&mut w)?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -33,7 +88,7 @@ pub struct EventsArgs {
 }
 
 pub fn run(command: &GenCommand, collector: Option<String>) -> anyhow::Result<()> {
-    let GenCommand::Events(args) = command;
+    let GenCommand::Events(args) = command else { bail!("not an events generator") };
     let addr = args.collector.clone().or(collector).unwrap_or_else(|| "127.0.0.1:7701".into());
     if args.rate == 0 {
         bail!("--rate must be at least 1 event per second");

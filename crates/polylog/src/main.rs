@@ -3,6 +3,7 @@
 mod api;
 mod config;
 mod gen;
+mod load;
 mod quickstart;
 mod run;
 mod topics;
@@ -52,6 +53,9 @@ enum Command {
         #[command(subcommand)]
         command: gen::GenCommand,
     },
+    /// Bulk-load a CSV, text or Parquet file into a Postgres table (binary COPY, parallel,
+    /// partition-aware) and Parquet files at once; resumable.
+    Load(load::LoadArgs),
     /// Work with the config file.
     Config {
         #[command(subcommand)]
@@ -102,6 +106,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run => run::run(&load()?),
         Command::Status(args) => run::status(&load()?, &args),
         Command::Replay(args) => run::replay(&load()?, &args),
+        Command::Load(args) => load::run(&args),
+        Command::Gen { command: gen::GenCommand::WideRows(args) } => gen::wide_rows(&args),
         Command::Gen { command } => {
             // The config only supplies the collector's address, so it is optional here.
             let config = if explicit {

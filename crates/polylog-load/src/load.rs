@@ -1,0 +1,1054 @@
+//! The load itself: one reader parsing and routing rows into chunks, `parallel` workers each
+//! with its own Postgres connection committing chunks, a progress line, and the resume state.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use polylog_postgres::schema::quote_ident;
+use polylog_postgres::wire::{ConnectParams, Connection, PgError};
+
+use crate::encode::{copy_binary, parquet_file, parquet_schema, Chunk};
+use crate::output::Output;
+use crate::source::{Delimited, Format, Header, ParquetSource, Record, Source};
+use crate::target::{self, quote_table, Router, SchemaFile, Target};
+use crate::types::{ColType, Column, ColumnData, Values};
+use crate::LoadError;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The input file.
+    pub from: PathBuf,
+    /// Its format (default: from the file name).
+    pub format: Option<Format>,
+    pub url: String,
+    pub table: String,
+    /// Creates the table from this file when it does not exist.
+    pub schema_file: Option<PathBuf>,
+    /// A directory or `s3://bucket/prefix` for Parquet files.
+    pub parquet: Option<String>,
+    /// Postgres connections loading at once.
+    pub parallel: usize,
+    /// Rows per chunk: the unit of commit, of resume and of Parquet files.
+    pub chunk_rows: usize,
+    pub header: Header,
+    pub delimiter: Option<u8>,
+    pub null: Option<String>,
+    /// Bad rows go here (in the input's format, reasons beside in `<file>.reasons`) instead of
+    /// stopping the load.
+    pub rejects: Option<PathBuf>,
+    /// Names the load for resuming (default: from the table and the input file).
+    pub load_id: Option<String>,
+    /// Print progress to stderr.
+    pub progress: bool,
+}
+
+impl LoadOptions {
+    pub fn new(from: impl Into<PathBuf>, url: &str, table: &str) -> LoadOptions {
+        LoadOptions {
+            from: from.into(),
+            format: None,
+            url: url.to_string(),
+            table: table.to_string(),
+            schema_file: None,
+            parquet: None,
+            parallel: 1,
+            chunk_rows: 50_000,
+            header: Header::Auto,
+            delimiter: None,
+            null: None,
+            rejects: None,
+            load_id: None,
+            progress: false,
+        }
+    }
+}
+
+/// What a load did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub load_id: String,
+    /// Rows committed by this run.
+    pub rows: u64,
+    /// Rows found committed by an earlier run of the same load.
+    pub resumed_rows: u64,
+    pub rejected: u64,
+    pub chunks: u64,
+    pub elapsed: Duration,
+    pub input_bytes: u64,
+    pub parquet_files: u64,
+    pub parquet_bytes: u64,
+    /// The load had already finished; nothing was done.
+    pub already_done: bool,
+    /// The tables and partitions rows went into, with their row counts.
+    pub targets: Vec<(String, u64)>,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.already_done {
+            return write!(
+                f,
+                "load {:?} had already finished; nothing to do (give --load-id to load the same input again)",
+                self.load_id
+            );
+        }
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        write!(
+            f,
+            "loaded {} rows in {:.1} s ({:.0} rows/s, {:.1} MB/s of input) in {} chunks",
+            group(self.rows),
+            secs,
+            self.rows as f64 / secs,
+            self.input_bytes as f64 / secs / 1e6,
+            self.chunks
+        )?;
+        if self.resumed_rows > 0 {
+            write!(f, "; {} rows were already in from an earlier run", group(self.resumed_rows))?;
+        }
+        if self.parquet_files > 0 {
+            write!(
+                f,
+                "; Parquet: {} files, {:.1} MB",
+                self.parquet_files,
+                self.parquet_bytes as f64 / 1e6
+            )?;
+        }
+        if self.rejected > 0 {
+            write!(f, "; {} rows rejected", group(self.rejected))?;
+        }
+        for (t, n) in &self.targets {
+            write!(f, "\n  {t}: {} rows", group(*n))?;
+        }
+        Ok(())
+    }
+}
+
+/// 1234567 as 1,234,567.
+pub fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn pg(e: PgError) -> LoadError {
+    LoadError::Postgres(e.to_string())
+}
+
+const STATE_DDL: &str = "\
+CREATE TABLE IF NOT EXISTS polylog_loads (
+    load_id text PRIMARY KEY,
+    target text NOT NULL,
+    source text NOT NULL,
+    columns text NOT NULL,
+    chunk_rows bigint NOT NULL,
+    created_table boolean NOT NULL DEFAULT false,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    rows bigint,
+    rejected bigint
+);
+CREATE TABLE IF NOT EXISTS polylog_load_chunks (
+    load_id text NOT NULL,
+    chunk bigint NOT NULL,
+    rows bigint NOT NULL,
+    crc bigint NOT NULL,
+    PRIMARY KEY (load_id, chunk)
+);";
+
+/// Shared between the reader, the workers and the progress line.
+#[derive(Default)]
+struct Shared {
+    committed_rows: AtomicU64,
+    committed_chunks: AtomicU64,
+    chunk0_done: AtomicBool,
+    failed: AtomicBool,
+    error: Mutex<Option<String>>,
+    parquet_files: AtomicU64,
+    parquet_bytes: AtomicU64,
+    input_done: AtomicU64,
+    input_total: AtomicU64,
+    per_target: Mutex<HashMap<String, u64>>,
+}
+
+impl Shared {
+    fn fail(&self, msg: String) {
+        let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_none() {
+            *e = Some(msg);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What a worker needs for every chunk.
+struct Job {
+    chunk: Chunk,
+    target: Target,
+    /// Take the table's lock, check it is empty, truncate it and COPY with FREEZE (the first
+    /// chunk into a table this load created).
+    freeze_truncate: bool,
+}
+
+struct Plan {
+    load_id: String,
+    columns: Vec<Column>,
+    /// For each loaded column, the input field it comes from.
+    fields: Vec<usize>,
+    input_fields: Option<usize>,
+    targets: Vec<Target>,
+    parquet: Option<(Output, Arc<parquet::schema::types::Type>, String)>,
+    copy_cols: String,
+}
+
+/// Runs a load to its end (or to the first bad row, when rejects are not kept).
+pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
+    let started = Instant::now();
+    if opts.parallel == 0 || opts.parallel > 64 {
+        return Err(LoadError::Setup("--parallel must be between 1 and 64".into()));
+    }
+    if opts.chunk_rows == 0 {
+        return Err(LoadError::Setup("--chunk-rows must be at least 1".into()));
+    }
+    let params = ConnectParams::parse(&opts.url).map_err(pg)?;
+    let mut conn = Connection::connect(&params, false).map_err(pg)?;
+    conn.execute(STATE_DDL).map_err(pg)?;
+    let format = match opts.format {
+        Some(f) => f,
+        None => Format::detect(&opts.from).map_err(LoadError::Setup)?,
+    };
+    let meta = std::fs::metadata(&opts.from)
+        .map_err(|e| LoadError::Setup(format!("cannot read {}: {e}", opts.from.display())))?;
+    let abs = std::fs::canonicalize(&opts.from).unwrap_or_else(|_| opts.from.clone());
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    // The same file, unchanged, is the same load: a rerun resumes it. A file written again
+    // (new size or time) is a new load.
+    let source_desc = format!("{} ({} bytes, modified {mtime})", abs.display(), meta.len());
+    let load_id = opts.load_id.clone().unwrap_or_else(|| {
+        format!("{}:{:08x}", opts.table, crc32c::crc32c(source_desc.as_bytes()))
+    });
+
+    // Create the table when asked and missing.
+    let schema_file = opts.schema_file.as_deref().map(SchemaFile::read).transpose()?;
+    let qt = quote_table(&opts.table);
+    let mut created = false;
+    if !target::exists(&mut conn, &opts.table)? {
+        let Some(sf) = &schema_file else {
+            return Err(LoadError::Setup(format!(
+                "table {} does not exist; create it, or give --schema FILE to have the load create it",
+                opts.table
+            )));
+        };
+        conn.execute("BEGIN").map_err(pg)?;
+        let r = conn.execute(&sf.create_sql(&qt));
+        if let Err(e) = r {
+            let _ = conn.execute("ROLLBACK");
+            return Err(LoadError::Setup(format!("creating {}: {e}", opts.table)));
+        }
+        created = true;
+    } else {
+        conn.execute("BEGIN").map_err(pg)?;
+    }
+    let all_columns = target::columns(&mut conn, &opts.table);
+    let all_columns = match all_columns {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = conn.execute("ROLLBACK");
+            return Err(e);
+        }
+    };
+
+    let mut source: Box<dyn Source> = match format {
+        Format::Csv | Format::Text => Box::new(
+            Delimited::open(
+                &opts.from,
+                format == Format::Csv,
+                opts.delimiter,
+                opts.null.as_deref(),
+                opts.header,
+                &all_columns,
+            )
+            .map_err(LoadError::Setup)?,
+        ),
+        Format::Parquet => {
+            Box::new(ParquetSource::open(&opts.from, &all_columns).map_err(LoadError::Setup)?)
+        }
+    };
+    // Columns by the input's names, or all of them in order.
+    let (columns, fields, input_fields) = match source.names() {
+        Some(names) => {
+            let mut cols = Vec::new();
+            let mut fields = Vec::new();
+            for (i, n) in names.iter().enumerate() {
+                let c = all_columns
+                    .iter()
+                    .find(|c| c.name == *n)
+                    .or_else(|| all_columns.iter().find(|c| c.name.eq_ignore_ascii_case(n)));
+                match c {
+                    Some(c) if !cols.iter().any(|x: &Column| x.name == c.name) => {
+                        cols.push(c.clone());
+                        fields.push(i);
+                    }
+                    Some(c) => {
+                        let _ = conn.execute("ROLLBACK");
+                        return Err(LoadError::Setup(format!(
+                            "the input names column {:?} twice",
+                            c.name
+                        )));
+                    }
+                    None => {
+                        let _ = conn.execute("ROLLBACK");
+                        return Err(LoadError::Setup(format!(
+                            "the input's column {n:?} is not a column of {}",
+                            opts.table
+                        )));
+                    }
+                }
+            }
+            (cols, fields, Some(names.len()))
+        }
+        None => {
+            let n = all_columns.len();
+            (all_columns.clone(), (0..n).collect(), Some(n))
+        }
+    };
+    let copy_cols = columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+
+    // The load's state: new, resumed, or finished.
+    let rows = conn
+        .query_params(
+            "SELECT target, source, columns, chunk_rows, finished_at IS NOT NULL, created_table \
+             FROM polylog_loads WHERE load_id = $1",
+            &[load_id.as_bytes()],
+        )
+        .map_err(pg)?;
+    let mut committed: HashMap<u64, (u64, u32)> = HashMap::new();
+    let mut freeze_first;
+    if created && !rows.is_empty() {
+        // The table of an unfinished load was dropped: its chunks went with it; start over.
+        conn.query_params(
+            "DELETE FROM polylog_load_chunks WHERE load_id = $1",
+            &[load_id.as_bytes()],
+        )
+        .map_err(pg)?;
+        conn.query_params("DELETE FROM polylog_loads WHERE load_id = $1", &[load_id.as_bytes()])
+            .map_err(pg)?;
+    }
+    let rows = if created { Vec::new() } else { rows };
+    if let Some(r) = rows.first() {
+        let get = |i: usize| r[i].clone().unwrap_or_default();
+        let _ = conn.execute("ROLLBACK");
+        if get(4) == "t" {
+            return Ok(Summary {
+                load_id,
+                already_done: true,
+                elapsed: started.elapsed(),
+                ..Summary::default()
+            });
+        }
+        if get(0) != opts.table || get(2) != copy_cols || get(3) != opts.chunk_rows.to_string() {
+            return Err(LoadError::Setup(format!(
+                "load {load_id:?} was begun into {} with columns ({}) and {} rows per chunk; \
+                 resume it with the same table, input and --chunk-rows, or give another --load-id",
+                get(0),
+                get(2),
+                get(3)
+            )));
+        }
+        let chunks = conn
+            .query_params(
+                "SELECT chunk, rows, crc FROM polylog_load_chunks WHERE load_id = $1",
+                &[load_id.as_bytes()],
+            )
+            .map_err(pg)?;
+        for c in chunks {
+            let n = |i: usize| c[i].as_deref().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            committed.insert(n(0), (n(1), n(2) as u32));
+        }
+        freeze_first = get(5) == "t" && !committed.contains_key(&0);
+    } else {
+        conn.query_params(
+            "INSERT INTO polylog_loads (load_id, target, source, columns, chunk_rows, created_table) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                load_id.as_bytes(),
+                opts.table.as_bytes(),
+                source_desc.as_bytes(),
+                copy_cols.as_bytes(),
+                opts.chunk_rows.to_string().as_bytes(),
+                if created { b"true" } else { b"false" },
+            ],
+        )
+        .map_err(pg)?;
+        conn.execute("COMMIT").map_err(pg)?;
+        freeze_first = created;
+    }
+
+    let auto = schema_file.as_ref().and_then(|s| s.partition.as_ref()).map(|p| p.interval);
+    let mut router = Router::discover(&mut conn, &opts.table, &columns, auto)?;
+    if router.is_some() {
+        freeze_first = false; // the parent holds no rows; its partitions get FREEZE instead
+    }
+    let targets = router
+        .as_ref()
+        .map_or_else(|| vec![Target { sql: qt.clone(), create: None }], |r| r.targets.clone());
+    let parquet = match &opts.parquet {
+        Some(spec) => {
+            let out = Output::open(spec).map_err(LoadError::Setup)?;
+            let schema = parquet_schema(&columns).map_err(LoadError::Setup)?;
+            let base = opts.table.rsplit('.').next().unwrap_or(&opts.table).to_string();
+            Some((out, schema, base))
+        }
+        None => None,
+    };
+    let plan = Arc::new(Plan {
+        load_id: load_id.clone(),
+        columns,
+        fields,
+        input_fields,
+        targets,
+        parquet,
+        copy_cols,
+    });
+    if opts.progress && !committed.is_empty() {
+        let rows: u64 = committed.values().map(|c| c.0).sum();
+        eprintln!(
+            "resuming load {load_id:?}: {} chunks ({} rows) are already in",
+            committed.len(),
+            group(rows)
+        );
+    }
+
+    let shared = Arc::new(Shared::default());
+    let progress_total = source.progress().total;
+    shared.input_total.store(progress_total, Ordering::Relaxed);
+
+    // Workers, each with its own connection and a queue of one chunk.
+    let mut senders: Vec<SyncSender<Job>> = Vec::new();
+    let mut handles = Vec::new();
+    for w in 0..opts.parallel {
+        let (tx, rx) = sync_channel::<Job>(1);
+        senders.push(tx);
+        let (plan, shared, params) = (Arc::clone(&plan), Arc::clone(&shared), params.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("load-{w}"))
+            .spawn(move || {
+                let mut conn = match Connection::connect(&params, false) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return shared.fail(format!("worker {w} cannot connect to Postgres: {e}"))
+                    }
+                };
+                let mut made: Vec<usize> = Vec::new();
+                for job in rx {
+                    if shared.failed.load(Ordering::SeqCst) {
+                        continue; // drain: the reader stops soon
+                    }
+                    match commit_chunk(&mut conn, &plan, &job, &mut made) {
+                        Ok(parquet_bytes) => {
+                            shared.parquet_bytes.fetch_add(parquet_bytes, Ordering::Relaxed);
+                            let n = job.chunk.len() as u64;
+                            *shared
+                                .per_target
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .entry(job.target.sql.clone())
+                                .or_default() += n;
+                            shared.committed_rows.fetch_add(n, Ordering::SeqCst);
+                            shared.committed_chunks.fetch_add(1, Ordering::SeqCst);
+                            if job.chunk.no == 0 {
+                                shared.chunk0_done.store(true, Ordering::SeqCst);
+                            }
+                            if plan.parquet.is_some() {
+                                shared.parquet_files.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => {
+                            let _ = conn.execute("ROLLBACK");
+                            shared.fail(e);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| LoadError::Setup(format!("starting a worker: {e}")))?;
+        handles.push(h);
+    }
+
+    // Progress line.
+    let done = Arc::new(AtomicBool::new(false));
+    let progress = opts.progress.then(|| {
+        let (shared, done) = (Arc::clone(&shared), Arc::clone(&done));
+        let resumed: u64 = committed.values().map(|c| c.0).sum();
+        let unit_rows = format == Format::Parquet;
+        std::thread::spawn(move || progress_loop(&shared, &done, started, resumed, unit_rows))
+    });
+
+    let read = read_all(
+        source.as_mut(),
+        opts,
+        &plan,
+        router.as_mut(),
+        &committed,
+        freeze_first,
+        &senders,
+        &shared,
+    );
+    drop(senders);
+    for h in handles {
+        let _ = h.join();
+    }
+    done.store(true, Ordering::SeqCst);
+    if let Some(p) = progress {
+        let _ = p.join();
+    }
+    let committed_rows = shared.committed_rows.load(Ordering::SeqCst);
+    let all_committed = committed_rows + committed.values().map(|c| c.0).sum::<u64>();
+    let stopped = |why: String| {
+        LoadError::Stopped(format!(
+            "{why}\n{} rows are committed (load {load_id:?}); nothing of the failed chunk is. Run the \
+             same command again to go on from there{}",
+            group(all_committed),
+            if opts.rejects.is_none() { ", or add --rejects FILE to set bad rows aside" } else { "" }
+        ))
+    };
+    let (rejected, resumed_rows) = match read {
+        Ok(r) => r,
+        Err(e) => return Err(stopped(e)),
+    };
+    if let Some(e) = shared.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(stopped(e));
+    }
+    conn.query_params(
+        "UPDATE polylog_loads SET finished_at = now(), rows = $2, rejected = $3 WHERE load_id = $1",
+        &[
+            load_id.as_bytes(),
+            all_committed.to_string().as_bytes(),
+            rejected.to_string().as_bytes(),
+        ],
+    )
+    .map_err(pg)?;
+    let per_target = shared.per_target.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut targets: Vec<(String, u64)> = per_target.into_iter().collect();
+    targets.sort();
+    Ok(Summary {
+        load_id,
+        rows: committed_rows,
+        resumed_rows,
+        rejected,
+        chunks: shared.committed_chunks.load(Ordering::SeqCst),
+        elapsed: started.elapsed(),
+        input_bytes: if format == Format::Parquet {
+            meta.len()
+        } else {
+            shared.input_done.load(Ordering::SeqCst)
+        },
+        parquet_files: shared.parquet_files.load(Ordering::SeqCst),
+        parquet_bytes: shared.parquet_bytes.load(Ordering::SeqCst),
+        already_done: false,
+        targets,
+    })
+}
+
+/// Reads every record, builds chunks per target and hands them to the workers. Returns the
+/// rows rejected and the rows skipped as already committed.
+#[allow(clippy::too_many_arguments)]
+fn read_all(
+    source: &mut dyn Source,
+    opts: &LoadOptions,
+    plan: &Plan,
+    mut router: Option<&mut Router>,
+    committed: &HashMap<u64, (u64, u32)>,
+    freeze_first: bool,
+    senders: &[SyncSender<Job>],
+    shared: &Shared,
+) -> Result<(u64, u64), String> {
+    let mut rejects = match &opts.rejects {
+        Some(p) => Some(Rejects::create(p, source_is_csv(opts))?),
+        None => None,
+    };
+    let cols = &plan.columns;
+    let mut open: Vec<Option<Chunk>> = Vec::new(); // per target
+    let mut buffered = 0usize;
+    let mut next_no = 0u64;
+    let mut rr = 0usize;
+    let mut rec = Record::default();
+    let mut row = 0u64;
+    let mut rejected = 0u64;
+    let mut skipped = 0u64;
+    // The key column is parsed into a scratch column first when routing.
+    let key = router.as_ref().map(|r| r.key());
+    let mut scratch: Vec<ColumnData> = cols.iter().map(|c| ColumnData::new(&c.ty)).collect();
+    let mut dispatch = |chunk: Chunk, target: Target, shared: &Shared| -> Result<(), String> {
+        let no = chunk.no;
+        if let Some(&(rows, crc)) = committed.get(&no) {
+            if rows != chunk.len() as u64 || crc != chunk.crc {
+                return Err(format!(
+                    "the input changed since this load began: chunk {no} (rows {}..) is not what was \
+                     committed. Give a new --load-id to load it as a new load",
+                    chunk.rows.first().copied().unwrap_or(0)
+                ));
+            }
+            skipped += rows;
+            return Ok(());
+        }
+        let pinned = target.create.is_some();
+        let w = if pinned {
+            chunk.target % senders.len()
+        } else {
+            rr += 1;
+            rr % senders.len()
+        };
+        let first = freeze_first && no == 0;
+        if senders[w].send(Job { chunk, target, freeze_truncate: first }).is_err() {
+            return Err("a worker stopped".into());
+        }
+        if first {
+            // Nothing else may go in before the first chunk has committed into the table
+            // this load created: it truncates the (empty) table to use FREEZE.
+            while !shared.chunk0_done.load(Ordering::SeqCst)
+                && !shared.failed.load(Ordering::SeqCst)
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(())
+    };
+    loop {
+        if shared.failed.load(Ordering::Relaxed) {
+            return Ok((rejected, skipped)); // the worker's error is reported
+        }
+        let got = source.next(&mut rec).map_err(|e| format!("input row {}: {e}", row + 1))?;
+        if row % 4096 == 0 {
+            shared.input_done.store(source.progress().done, Ordering::Relaxed);
+        }
+        if !got {
+            break;
+        }
+        row += 1;
+        // Parse the record's fields into the scratch columns (one row).
+        let parsed = parse_row(&rec, plan, &mut scratch, opts.parquet.is_some());
+        let target = match parsed {
+            Ok(()) => match (&mut router, key) {
+                (Some(r), Some(k)) => {
+                    r.route(&scratch[k], &cols[k].ty).map_err(|why| (cols[k].name.clone(), why))
+                }
+                _ => Ok(0),
+            },
+            Err(e) => Err(e),
+        };
+        let target = match target {
+            Ok(t) => t,
+            Err((column, why)) => {
+                let msg = if column.is_empty() {
+                    format!("row {row} (line {}): the record {why}", rec.line)
+                } else {
+                    let value = column_value(&rec, plan, &column);
+                    format!("row {row} (line {}), column {column:?}: {value} {why}", rec.line)
+                };
+                match &mut rejects {
+                    Some(r) => {
+                        r.write(&rec, &msg)?;
+                        rejected += 1;
+                        clear(&mut scratch, cols);
+                        continue;
+                    }
+                    None => return Err(msg),
+                }
+            }
+        };
+        if open.len() < plan.targets.len().max(target + 1) {
+            open.resize_with(plan.targets.len().max(target + 1), || None);
+        }
+        let chunk = open[target].get_or_insert_with(|| Chunk::new(u64::MAX, target, cols));
+        move_row(&mut scratch, &mut chunk.cols);
+        chunk.rows.push(row);
+        chunk.crc = crc32c::crc32c_append(chunk.crc, &rec.data);
+        for f in &rec.fields {
+            let tag = match f {
+                Some((s, e)) => (e - s) as u32,
+                None => u32::MAX,
+            };
+            chunk.crc = crc32c::crc32c_append(chunk.crc, &tag.to_le_bytes());
+        }
+        buffered += 1;
+        let full = chunk.len() >= opts.chunk_rows;
+        let flush = if full {
+            Some(target)
+        } else if buffered >= opts.chunk_rows * 2 {
+            // Too many rows waiting across partitions: send the largest.
+            open.iter()
+                .enumerate()
+                .filter_map(|(i, c)| c.as_ref().map(|c| (c.len(), i)))
+                .max()
+                .map(|x| x.1)
+        } else {
+            None
+        };
+        if let Some(t) = flush {
+            if let Some(mut c) = open[t].take() {
+                buffered -= c.len();
+                c.no = next_no;
+                next_no += 1;
+                let t = target_of(&router, plan, c.target);
+                dispatch(c, t, shared)?;
+            }
+        }
+    }
+    shared.input_done.store(source.progress().done, Ordering::Relaxed);
+    // The rest, oldest first row first.
+    let mut rest: Vec<Chunk> = open.into_iter().flatten().collect();
+    rest.sort_by_key(|c| c.rows.first().copied().unwrap_or(0));
+    for mut c in rest {
+        c.no = next_no;
+        next_no += 1;
+        let t = target_of(&router, plan, c.target);
+        dispatch(c, t, shared)?;
+    }
+    if let Some(r) = rejects {
+        r.finish()?;
+    }
+    Ok((rejected, skipped))
+}
+
+fn target_of(router: &Option<&mut Router>, plan: &Plan, t: usize) -> Target {
+    match router {
+        Some(r) => r.targets[t].clone(),
+        None => plan.targets[0].clone(),
+    }
+}
+
+fn source_is_csv(opts: &LoadOptions) -> bool {
+    opts.format.or_else(|| Format::detect(&opts.from).ok()) != Some(Format::Text)
+}
+
+/// Parses one record into the scratch columns (one row each). On error the scratch is empty
+/// again and the error names the column.
+fn parse_row(
+    rec: &Record,
+    plan: &Plan,
+    scratch: &mut [ColumnData],
+    parquet: bool,
+) -> Result<(), (String, String)> {
+    if let Some(n) = plan.input_fields {
+        if rec.fields.len() != n {
+            clear(scratch, &plan.columns);
+            return Err((
+                String::new(),
+                format!("has {} fields where {n} were expected", rec.fields.len()),
+            ));
+        }
+    }
+    for (c, col) in plan.columns.iter().enumerate() {
+        let r = match rec.field(plan.fields[c]) {
+            None if col.not_null => Err("is NULL, but the column is NOT NULL".to_string()),
+            None => {
+                scratch[c].push_null();
+                Ok(())
+            }
+            Some(text) => scratch[c].push_text(&col.ty, text).and_then(|()| {
+                if parquet {
+                    nan_check(&scratch[c], &col.ty)
+                } else {
+                    Ok(())
+                }
+            }),
+        };
+        if let Err(why) = r {
+            clear(scratch, &plan.columns);
+            return Err((col.name.clone(), why));
+        }
+    }
+    Ok(())
+}
+
+/// NaN has no Parquet DECIMAL form: refuse it for numeric(p,s) columns going to Parquet.
+fn nan_check(col: &ColumnData, ty: &ColType) -> Result<(), String> {
+    if let (ColType::Numeric(Some((p, _))), Values::Bytes { .. }) = (ty, &col.values) {
+        if *p <= 38 && col.values.bytes(col.values.len() - 1) == b"NaN" {
+            return Err("is NaN, which a Parquet DECIMAL cannot hold".into());
+        }
+    }
+    Ok(())
+}
+
+fn clear(scratch: &mut [ColumnData], cols: &[Column]) {
+    for (s, c) in scratch.iter_mut().zip(cols) {
+        *s = ColumnData::new(&c.ty);
+    }
+}
+
+/// Moves the single scratch row onto the end of a chunk's columns.
+fn move_row(scratch: &mut [ColumnData], into: &mut [ColumnData]) {
+    for (s, d) in scratch.iter_mut().zip(into.iter_mut()) {
+        d.valid.push(s.valid[0]);
+        if s.valid[0] {
+            match (&mut d.values, &s.values) {
+                (Values::Bool(d), Values::Bool(s)) => d.push(s[0]),
+                (Values::I16(d), Values::I16(s)) => d.push(s[0]),
+                (Values::I32(d), Values::I32(s)) => d.push(s[0]),
+                (Values::I64(d), Values::I64(s)) => d.push(s[0]),
+                (Values::F32(d), Values::F32(s)) => d.push(s[0]),
+                (Values::F64(d), Values::F64(s)) => d.push(s[0]),
+                (Values::Uuid(d), Values::Uuid(s)) => d.push(s[0]),
+                (Values::Bytes { data, ends }, Values::Bytes { data: sd, .. }) => {
+                    data.extend_from_slice(sd);
+                    ends.push(data.len());
+                }
+                _ => unreachable!("columns keep their types"),
+            }
+        }
+        // Empty the scratch without giving back its allocation.
+        s.valid.clear();
+        match &mut s.values {
+            Values::Bool(v) => v.clear(),
+            Values::I16(v) => v.clear(),
+            Values::I32(v) => v.clear(),
+            Values::I64(v) => v.clear(),
+            Values::F32(v) => v.clear(),
+            Values::F64(v) => v.clear(),
+            Values::Uuid(v) => v.clear(),
+            Values::Bytes { data, ends } => {
+                data.clear();
+                ends.clear();
+            }
+        }
+    }
+}
+
+/// The field of `column` in a record, quoted and shortened for a message.
+fn column_value(rec: &Record, plan: &Plan, column: &str) -> String {
+    let Some(c) = plan.columns.iter().position(|c| c.name == column) else {
+        return "the row".into();
+    };
+    match rec.fields.get(plan.fields[c]).copied().flatten() {
+        None => "NULL".into(),
+        Some((s, e)) => {
+            let text = String::from_utf8_lossy(&rec.data[s..e]);
+            let short: String = text.chars().take(80).collect();
+            let more = if text.chars().count() > 80 { "..." } else { "" };
+            format!("{short:?}{more}")
+        }
+    }
+}
+
+/// Copies one chunk into its table or partition and commits it with its resume entry; the
+/// Parquet file is in place before the commit.
+fn commit_chunk(
+    conn: &mut Connection,
+    plan: &Plan,
+    job: &Job,
+    made: &mut Vec<usize>,
+) -> Result<u64, String> {
+    let chunk = &job.chunk;
+    let target = &job.target;
+    let fail = |what: &str, e: PgError| -> String {
+        // Postgres names the COPY line: map it back to the input row.
+        let row = match &e {
+            PgError::Server { context: Some(ctx), .. } => ctx
+                .split("line ")
+                .nth(1)
+                .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .and_then(|l| chunk.rows.get(l.wrapping_sub(1)))
+                .map(|r| format!("row {r}: ")),
+            _ => None,
+        };
+        format!("{}{what} {}: {e}", row.unwrap_or_default(), target.sql)
+    };
+    conn.execute("BEGIN").map_err(|e| fail("starting a transaction for", e))?;
+    let mut freeze = false;
+    if let Some(create) = &target.create {
+        if !made.contains(&chunk.target) {
+            conn.execute(create).map_err(|e| fail("creating", e))?;
+            made.push(chunk.target);
+            freeze = true;
+        }
+    }
+    if job.freeze_truncate {
+        conn.execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", target.sql))
+            .map_err(|e| fail("locking", e))?;
+        let rows = conn
+            .query(&format!("SELECT 1 FROM {} LIMIT 1", target.sql))
+            .map_err(|e| fail("reading", e))?;
+        if rows.is_empty() {
+            conn.execute(&format!("TRUNCATE {}", target.sql)).map_err(|e| fail("truncating", e))?;
+            freeze = true;
+        }
+    }
+    let sql = format!(
+        "COPY {} ({}) FROM STDIN (FORMAT binary{})",
+        target.sql,
+        plan.copy_cols,
+        if freeze { ", FREEZE" } else { "" }
+    );
+    conn.copy_in_start(&sql).map_err(|e| fail("starting COPY into", e))?;
+    let sent = copy_binary(chunk, &plan.columns, 1 << 20, |b| conn.copy_in_send(b));
+    let done = conn.copy_in_finish();
+    sent.map_err(|e| fail("sending rows to", e))?;
+    let n = done.map_err(|e| fail("copying into", e))?;
+    if n != chunk.len() as u64 {
+        return Err(format!(
+            "Postgres stored {n} of the {} rows sent to {}",
+            chunk.len(),
+            target.sql
+        ));
+    }
+    let mut parquet_bytes = 0;
+    if let Some((out, schema, base)) = &plan.parquet {
+        let bytes = parquet_file(chunk, &plan.columns, schema)?;
+        parquet_bytes = bytes.len() as u64;
+        out.put(&format!("{base}-{:06}.parquet", chunk.no), bytes)?;
+    }
+    conn.query_params(
+        "INSERT INTO polylog_load_chunks (load_id, chunk, rows, crc) VALUES ($1, $2, $3, $4)",
+        &[
+            plan.load_id.as_bytes(),
+            chunk.no.to_string().as_bytes(),
+            chunk.len().to_string().as_bytes(),
+            chunk.crc.to_string().as_bytes(),
+        ],
+    )
+    .map_err(|e| fail("recording the chunk of", e))?;
+    conn.execute("COMMIT").map_err(|e| fail("committing", e))?;
+    Ok(parquet_bytes)
+}
+
+fn progress_loop(
+    shared: &Shared,
+    done: &AtomicBool,
+    started: Instant,
+    resumed: u64,
+    unit_rows: bool,
+) {
+    let tty = std::io::stderr().is_terminal();
+    let every = if tty { Duration::from_secs(1) } else { Duration::from_secs(10) };
+    let mut last = Instant::now();
+    while !done.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+        if last.elapsed() < every {
+            continue;
+        }
+        last = Instant::now();
+        let rows = shared.committed_rows.load(Ordering::Relaxed);
+        let secs = started.elapsed().as_secs_f64();
+        let rate = rows as f64 / secs.max(1e-9);
+        let (d, t) =
+            (shared.input_done.load(Ordering::Relaxed), shared.input_total.load(Ordering::Relaxed));
+        let frac = if t > 0 { (d as f64 / t as f64).min(1.0) } else { 0.0 };
+        let eta = if frac > 0.01 { secs / frac * (1.0 - frac) } else { f64::NAN };
+        let width = 30;
+        let filled = (frac * width as f64) as usize;
+        let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+        let eta = if eta.is_finite() {
+            format!("{}:{:02}", eta as u64 / 60, eta as u64 % 60)
+        } else {
+            "?".into()
+        };
+        let of = if unit_rows {
+            format!("{}/{} input rows", group(d), group(t))
+        } else {
+            format!("{:.0}/{:.0} MB", d as f64 / 1e6, t as f64 / 1e6)
+        };
+        let line = format!(
+            "[{bar}] {:>3.0}%  {} rows in{}  {:.0} rows/s  ETA {eta}  ({of})",
+            frac * 100.0,
+            group(rows + resumed),
+            if resumed > 0 { format!(" ({} resumed)", group(resumed)) } else { String::new() },
+            rate
+        );
+        if tty {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+}
+
+/// Bad rows set aside: the records in the input's format, and a `.reasons` file beside.
+struct Rejects {
+    rows: BufWriter<File>,
+    reasons: BufWriter<File>,
+    csv: bool,
+    path: PathBuf,
+}
+
+impl Rejects {
+    fn create(path: &Path, csv: bool) -> Result<Rejects, String> {
+        let open = |p: &Path| {
+            File::create(p)
+                .map(BufWriter::new)
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))
+        };
+        let mut reasons = path.as_os_str().to_owned();
+        reasons.push(".reasons");
+        Ok(Rejects {
+            rows: open(path)?,
+            reasons: open(Path::new(&reasons))?,
+            csv,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn write(&mut self, rec: &Record, why: &str) -> Result<(), String> {
+        let mut line = Vec::with_capacity(rec.data.len() + rec.fields.len() * 3);
+        for i in 0..rec.fields.len() {
+            if i > 0 {
+                line.push(if self.csv { b',' } else { b'\t' });
+            }
+            match rec.field(i) {
+                None if self.csv => {}
+                None => line.extend_from_slice(b"\\N"),
+                Some(f) if self.csv => {
+                    line.push(b'"');
+                    for &b in f {
+                        if b == b'"' {
+                            line.push(b'"');
+                        }
+                        line.push(b);
+                    }
+                    line.push(b'"');
+                }
+                Some(f) => {
+                    for &b in f {
+                        match b {
+                            b'\\' => line.extend_from_slice(b"\\\\"),
+                            b'\t' => line.extend_from_slice(b"\\t"),
+                            b'\n' => line.extend_from_slice(b"\\n"),
+                            b'\r' => line.extend_from_slice(b"\\r"),
+                            _ => line.push(b),
+                        }
+                    }
+                }
+            }
+        }
+        line.push(b'\n');
+        let err = |e: std::io::Error| format!("writing {}: {e}", self.path.display());
+        self.rows.write_all(&line).map_err(err)?;
+        writeln!(self.reasons, "{why}")
+            .map_err(|e| format!("writing {}.reasons: {e}", self.path.display()))
+    }
+
+    fn finish(mut self) -> Result<(), String> {
+        let path = self.path.display().to_string();
+        self.rows.flush().map_err(|e| format!("writing {path}: {e}"))?;
+        self.reasons.flush().map_err(|e| format!("writing {path}.reasons: {e}"))
+    }
+}
