@@ -6,6 +6,7 @@
 //! cargo run --release -p polylog-bench -- <scenario> [--quick] [--dir DIR] [options]
 //! ```
 
+mod bulk_load;
 mod cdc;
 mod events_ingest;
 mod log_append;
@@ -74,6 +75,12 @@ const SCENARIOS: &[(&str, &str)] = &[
          the same aggregation over the raw events in Postgres (options: --events N, --campaigns N, --runs N)",
     ),
     (
+        "bulk_load",
+        "rows/s loading 120-column rows from CSV into Postgres (one stream; two streams into two \
+         partitions; with Parquet), vs psql \\copy ... FREEZE of the same CSV (options: --rows N, \
+         --columns N, --chunk-rows N)",
+    ),
+    (
         "view_join",
         "input changes/s through a videos+publisher+tags view, vs querying Postgres for each \
          change's documents (options: --videos N, --changes N, --baseline-changes N, --cache-mb N)",
@@ -129,6 +136,7 @@ fn main() -> ExitCode {
         "report_latency" => report_latency::run(&opts),
         "sink_postgres" => sink_postgres::run(&opts),
         "sink_search" => sink_search::run(&opts),
+        "bulk_load" => bulk_load::run(&opts),
         other => Err(format!("unknown scenario {other:?}\n{}", usage())),
     };
     match result {

@@ -25,6 +25,8 @@ pub struct Chunk {
     pub cols: Vec<ColumnData>,
     /// Checksum of the rows' fields, to notice an input changed under a resumed load.
     pub crc: u32,
+    /// Bytes of input the rows came from.
+    pub bytes: usize,
 }
 
 impl Chunk {
@@ -35,7 +37,20 @@ impl Chunk {
             rows: Vec::new(),
             cols: columns.iter().map(|c| ColumnData::new(&c.ty)).collect(),
             crc: 0,
+            bytes: 0,
         }
+    }
+
+    /// A chunk (numbered later) with room for as many rows and bytes as `hint` (the last one).
+    pub fn with_capacity(target: usize, columns: &[Column], hint: &(usize, Vec<usize>)) -> Chunk {
+        let cols = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                ColumnData::with_capacity(&c.ty, hint.0, hint.1.get(i).copied().unwrap_or(0))
+            })
+            .collect();
+        Chunk { no: u64::MAX, target, rows: Vec::with_capacity(hint.0), cols, crc: 0, bytes: 0 }
     }
 
     pub fn len(&self) -> usize {

@@ -17,6 +17,8 @@ pub mod target;
 pub mod types;
 
 pub use load::{load, LoadOptions, Summary};
+/// The Parquet crate this loader writes with, for reading its files back.
+pub use parquet;
 
 /// Why a load stopped.
 #[derive(Debug, thiserror::Error)]

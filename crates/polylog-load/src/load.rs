@@ -146,6 +146,9 @@ fn pg(e: PgError) -> LoadError {
     LoadError::Postgres(e.to_string())
 }
 
+/// A chunk closes at this many bytes of input even before `chunk_rows` rows.
+const CHUNK_BYTES_MAX: usize = 64 << 20;
+
 const STATE_DDL: &str = "\
 CREATE TABLE IF NOT EXISTS polylog_loads (
     load_id text PRIMARY KEY,
@@ -180,6 +183,8 @@ struct Shared {
     input_done: AtomicU64,
     input_total: AtomicU64,
     per_target: Mutex<HashMap<String, u64>>,
+    /// Partitions created by committed chunks.
+    created: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -196,6 +201,8 @@ impl Shared {
 struct Job {
     chunk: Chunk,
     target: Target,
+    /// Create the partition in the chunk's transaction (and COPY with FREEZE).
+    create: Option<String>,
     /// Take the table's lock, check it is empty, truncate it and COPY with FREEZE (the first
     /// chunk into a table this load created).
     freeze_truncate: bool,
@@ -454,12 +461,11 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
                         return shared.fail(format!("worker {w} cannot connect to Postgres: {e}"))
                     }
                 };
-                let mut made: Vec<usize> = Vec::new();
                 for job in rx {
                     if shared.failed.load(Ordering::SeqCst) {
                         continue; // drain: the reader stops soon
                     }
-                    match commit_chunk(&mut conn, &plan, &job, &mut made) {
+                    match commit_chunk(&mut conn, &plan, &job) {
                         Ok(parquet_bytes) => {
                             shared.parquet_bytes.fetch_add(parquet_bytes, Ordering::Relaxed);
                             let n = job.chunk.len() as u64;
@@ -471,6 +477,13 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
                                 .or_default() += n;
                             shared.committed_rows.fetch_add(n, Ordering::SeqCst);
                             shared.committed_chunks.fetch_add(1, Ordering::SeqCst);
+                            if job.create.is_some() {
+                                shared
+                                    .created
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(job.target.sql.clone());
+                            }
                             if job.chunk.no == 0 {
                                 shared.chunk0_done.store(true, Ordering::SeqCst);
                             }
@@ -592,7 +605,10 @@ fn read_all(
     let mut skipped = 0u64;
     // The key column is parsed into a scratch column first when routing.
     let key = router.as_ref().map(|r| r.key());
-    let mut scratch: Vec<ColumnData> = cols.iter().map(|c| ColumnData::new(&c.ty)).collect();
+    let mut key_col = ColumnData::new(key.map_or(&ColType::Bool, |k| &cols[k].ty));
+    // The sizes of the last chunk sent, to allocate the next one at once.
+    let mut hint: (usize, Vec<usize>) = (0, Vec::new());
+    let mut creators: HashMap<usize, usize> = HashMap::new();
     let mut dispatch = |chunk: Chunk, target: Target, shared: &Shared| -> Result<(), String> {
         let no = chunk.no;
         if let Some(&(rows, crc)) = committed.get(&no) {
@@ -606,15 +622,38 @@ fn read_all(
             skipped += rows;
             return Ok(());
         }
-        let pinned = target.create.is_some();
-        let w = if pinned {
-            chunk.target % senders.len()
-        } else {
-            rr += 1;
-            rr % senders.len()
+        // The first chunk of a partition this load creates carries the CREATE; the next ones
+        // queue behind it on the same worker until it has committed, then any worker goes.
+        let mut create = None;
+        let w = match &target.create {
+            Some(sql) => match creators.get(&chunk.target) {
+                None => {
+                    rr += 1;
+                    creators.insert(chunk.target, rr % senders.len());
+                    create = Some(sql.clone());
+                    rr % senders.len()
+                }
+                Some(&w)
+                    if !shared
+                        .created
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&target.sql) =>
+                {
+                    w
+                }
+                Some(_) => {
+                    rr += 1;
+                    rr % senders.len()
+                }
+            },
+            None => {
+                rr += 1;
+                rr % senders.len()
+            }
         };
         let first = freeze_first && no == 0;
-        if senders[w].send(Job { chunk, target, freeze_truncate: first }).is_err() {
+        if senders[w].send(Job { chunk, target, create, freeze_truncate: first }).is_err() {
             return Err("a worker stopped".into());
         }
         if first {
@@ -640,18 +679,38 @@ fn read_all(
             break;
         }
         row += 1;
-        // Parse the record's fields into the scratch columns (one row).
-        let parsed = parse_row(&rec, plan, &mut scratch, opts.parquet.is_some());
-        let target = match parsed {
-            Ok(()) => match (&mut router, key) {
-                (Some(r), Some(k)) => {
-                    r.route(&scratch[k], &cols[k].ty).map_err(|why| (cols[k].name.clone(), why))
-                }
-                _ => Ok(0),
-            },
-            Err(e) => Err(e),
+        // The target first (from the partition key alone), then the whole row straight into
+        // that target's chunk.
+        let target = match (plan.input_fields, &mut router, key) {
+            (Some(n), _, _) if rec.fields.len() != n => Err((
+                String::new(),
+                format!("has {} fields where {n} were expected", rec.fields.len()),
+            )),
+            (_, Some(r), Some(k)) => {
+                key_col.truncate_rows(0);
+                let routed = match rec.field(plan.fields[k]) {
+                    None => {
+                        key_col.push_null();
+                        Ok(())
+                    }
+                    Some(text) => key_col.push_text(&cols[k].ty, text),
+                };
+                routed
+                    .and_then(|()| r.route(&key_col, &cols[k].ty))
+                    .map_err(|why| (cols[k].name.clone(), why))
+            }
+            _ => Ok(0),
         };
-        let target = match target {
+        let parsed = target.and_then(|target| {
+            if open.len() <= target {
+                open.resize_with(target + 1, || None);
+            }
+            let chunk =
+                open[target].get_or_insert_with(|| Chunk::with_capacity(target, cols, &hint));
+            parse_row(&rec, plan, &mut chunk.cols, chunk.rows.len(), opts.parquet.is_some())
+                .map(|()| target)
+        });
+        let target = match parsed {
             Ok(t) => t,
             Err((column, why)) => {
                 let msg = if column.is_empty() {
@@ -664,19 +723,15 @@ fn read_all(
                     Some(r) => {
                         r.write(&rec, &msg)?;
                         rejected += 1;
-                        clear(&mut scratch, cols);
                         continue;
                     }
                     None => return Err(msg),
                 }
             }
         };
-        if open.len() < plan.targets.len().max(target + 1) {
-            open.resize_with(plan.targets.len().max(target + 1), || None);
-        }
-        let chunk = open[target].get_or_insert_with(|| Chunk::new(u64::MAX, target, cols));
-        move_row(&mut scratch, &mut chunk.cols);
+        let Some(chunk) = open[target].as_mut() else { continue };
         chunk.rows.push(row);
+        chunk.bytes += rec.data.len();
         chunk.crc = crc32c::crc32c_append(chunk.crc, &rec.data);
         for f in &rec.fields {
             let tag = match f {
@@ -686,7 +741,7 @@ fn read_all(
             chunk.crc = crc32c::crc32c_append(chunk.crc, &tag.to_le_bytes());
         }
         buffered += 1;
-        let full = chunk.len() >= opts.chunk_rows;
+        let full = chunk.len() >= opts.chunk_rows || chunk.bytes >= CHUNK_BYTES_MAX;
         let flush = if full {
             Some(target)
         } else if buffered >= opts.chunk_rows * 2 {
@@ -702,6 +757,7 @@ fn read_all(
         if let Some(t) = flush {
             if let Some(mut c) = open[t].take() {
                 buffered -= c.len();
+                hint = (c.len(), c.cols.iter().map(ColumnData::bytes_len).collect());
                 c.no = next_no;
                 next_no += 1;
                 let t = target_of(&router, plan, c.target);
@@ -711,7 +767,7 @@ fn read_all(
     }
     shared.input_done.store(source.progress().done, Ordering::Relaxed);
     // The rest, oldest first row first.
-    let mut rest: Vec<Chunk> = open.into_iter().flatten().collect();
+    let mut rest: Vec<Chunk> = open.into_iter().flatten().filter(|c| !c.is_empty()).collect();
     rest.sort_by_key(|c| c.rows.first().copied().unwrap_or(0));
     for mut c in rest {
         c.no = next_no;
@@ -736,40 +792,34 @@ fn source_is_csv(opts: &LoadOptions) -> bool {
     opts.format.or_else(|| Format::detect(&opts.from).ok()) != Some(Format::Text)
 }
 
-/// Parses one record into the scratch columns (one row each). On error the scratch is empty
-/// again and the error names the column.
+/// Parses one record onto the end of a chunk's columns, which hold `rows` rows. On error the
+/// columns are as they were and the error names the column.
 fn parse_row(
     rec: &Record,
     plan: &Plan,
-    scratch: &mut [ColumnData],
+    cols: &mut [ColumnData],
+    rows: usize,
     parquet: bool,
 ) -> Result<(), (String, String)> {
-    if let Some(n) = plan.input_fields {
-        if rec.fields.len() != n {
-            clear(scratch, &plan.columns);
-            return Err((
-                String::new(),
-                format!("has {} fields where {n} were expected", rec.fields.len()),
-            ));
-        }
-    }
     for (c, col) in plan.columns.iter().enumerate() {
         let r = match rec.field(plan.fields[c]) {
             None if col.not_null => Err("is NULL, but the column is NOT NULL".to_string()),
             None => {
-                scratch[c].push_null();
+                cols[c].push_null();
                 Ok(())
             }
-            Some(text) => scratch[c].push_text(&col.ty, text).and_then(|()| {
+            Some(text) => cols[c].push_text(&col.ty, text).and_then(|()| {
                 if parquet {
-                    nan_check(&scratch[c], &col.ty)
+                    nan_check(&cols[c], &col.ty)
                 } else {
                     Ok(())
                 }
             }),
         };
         if let Err(why) = r {
-            clear(scratch, &plan.columns);
+            for done in &mut cols[..=c] {
+                done.truncate_rows(rows);
+            }
             return Err((col.name.clone(), why));
         }
     }
@@ -784,50 +834,6 @@ fn nan_check(col: &ColumnData, ty: &ColType) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-fn clear(scratch: &mut [ColumnData], cols: &[Column]) {
-    for (s, c) in scratch.iter_mut().zip(cols) {
-        *s = ColumnData::new(&c.ty);
-    }
-}
-
-/// Moves the single scratch row onto the end of a chunk's columns.
-fn move_row(scratch: &mut [ColumnData], into: &mut [ColumnData]) {
-    for (s, d) in scratch.iter_mut().zip(into.iter_mut()) {
-        d.valid.push(s.valid[0]);
-        if s.valid[0] {
-            match (&mut d.values, &s.values) {
-                (Values::Bool(d), Values::Bool(s)) => d.push(s[0]),
-                (Values::I16(d), Values::I16(s)) => d.push(s[0]),
-                (Values::I32(d), Values::I32(s)) => d.push(s[0]),
-                (Values::I64(d), Values::I64(s)) => d.push(s[0]),
-                (Values::F32(d), Values::F32(s)) => d.push(s[0]),
-                (Values::F64(d), Values::F64(s)) => d.push(s[0]),
-                (Values::Uuid(d), Values::Uuid(s)) => d.push(s[0]),
-                (Values::Bytes { data, ends }, Values::Bytes { data: sd, .. }) => {
-                    data.extend_from_slice(sd);
-                    ends.push(data.len());
-                }
-                _ => unreachable!("columns keep their types"),
-            }
-        }
-        // Empty the scratch without giving back its allocation.
-        s.valid.clear();
-        match &mut s.values {
-            Values::Bool(v) => v.clear(),
-            Values::I16(v) => v.clear(),
-            Values::I32(v) => v.clear(),
-            Values::I64(v) => v.clear(),
-            Values::F32(v) => v.clear(),
-            Values::F64(v) => v.clear(),
-            Values::Uuid(v) => v.clear(),
-            Values::Bytes { data, ends } => {
-                data.clear();
-                ends.clear();
-            }
-        }
-    }
 }
 
 /// The field of `column` in a record, quoted and shortened for a message.
@@ -848,12 +854,7 @@ fn column_value(rec: &Record, plan: &Plan, column: &str) -> String {
 
 /// Copies one chunk into its table or partition and commits it with its resume entry; the
 /// Parquet file is in place before the commit.
-fn commit_chunk(
-    conn: &mut Connection,
-    plan: &Plan,
-    job: &Job,
-    made: &mut Vec<usize>,
-) -> Result<u64, String> {
+fn commit_chunk(conn: &mut Connection, plan: &Plan, job: &Job) -> Result<u64, String> {
     let chunk = &job.chunk;
     let target = &job.target;
     let fail = |what: &str, e: PgError| -> String {
@@ -872,12 +873,9 @@ fn commit_chunk(
     };
     conn.execute("BEGIN").map_err(|e| fail("starting a transaction for", e))?;
     let mut freeze = false;
-    if let Some(create) = &target.create {
-        if !made.contains(&chunk.target) {
-            conn.execute(create).map_err(|e| fail("creating", e))?;
-            made.push(chunk.target);
-            freeze = true;
-        }
+    if let Some(create) = &job.create {
+        conn.execute(create).map_err(|e| fail("creating", e))?;
+        freeze = true;
     }
     if job.freeze_truncate {
         conn.execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", target.sql))

@@ -163,6 +163,56 @@ impl ColumnData {
         ColumnData { valid: Vec::new(), values: Values::new(ty) }
     }
 
+    /// Room for `rows` rows and `bytes` bytes of text-like values.
+    pub fn with_capacity(ty: &ColType, rows: usize, bytes: usize) -> ColumnData {
+        let mut c = ColumnData::new(ty);
+        c.valid.reserve(rows);
+        match &mut c.values {
+            Values::Bool(v) => v.reserve(rows),
+            Values::I16(v) => v.reserve(rows),
+            Values::I32(v) => v.reserve(rows),
+            Values::I64(v) => v.reserve(rows),
+            Values::F32(v) => v.reserve(rows),
+            Values::F64(v) => v.reserve(rows),
+            Values::Uuid(v) => v.reserve(rows),
+            Values::Bytes { data, ends } => {
+                data.reserve(bytes);
+                ends.reserve(rows);
+            }
+        }
+        c
+    }
+
+    /// Bytes held by text-like values.
+    pub fn bytes_len(&self) -> usize {
+        match &self.values {
+            Values::Bytes { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+
+    /// Drops rows from `rows` on (a row that failed half-way through its columns).
+    pub fn truncate_rows(&mut self, rows: usize) {
+        if self.valid.len() <= rows {
+            return;
+        }
+        let keep = self.valid[..rows].iter().filter(|&&v| v).count();
+        self.valid.truncate(rows);
+        match &mut self.values {
+            Values::Bool(v) => v.truncate(keep),
+            Values::I16(v) => v.truncate(keep),
+            Values::I32(v) => v.truncate(keep),
+            Values::I64(v) => v.truncate(keep),
+            Values::F32(v) => v.truncate(keep),
+            Values::F64(v) => v.truncate(keep),
+            Values::Uuid(v) => v.truncate(keep),
+            Values::Bytes { data, ends } => {
+                ends.truncate(keep);
+                data.truncate(ends.last().copied().unwrap_or(0));
+            }
+        }
+    }
+
     pub fn push_null(&mut self) {
         self.valid.push(false);
     }
@@ -268,8 +318,7 @@ fn hex_digit(c: u8) -> Option<u8> {
 fn push_bytes(out: &mut Vec<u8>, ty: &ColType, text: &[u8]) -> Result<(), FieldError> {
     match ty {
         ColType::Numeric(tm) => {
-            let n = parse_numeric(str_of(text)?, *tm)?;
-            out.extend_from_slice(n.as_bytes());
+            DIGITS.with(|d| parse_numeric_into(str_of(text)?, *tm, &mut d.borrow_mut(), out))?
         }
         ColType::Bytea => decode_bytea(text, out)?,
         ColType::Text(max) => {
@@ -312,6 +361,10 @@ fn push_bytes(out: &mut Vec<u8>, ty: &ColType, text: &[u8]) -> Result<(), FieldE
         _ => unreachable!("not a bytes type"),
     }
     Ok(())
+}
+
+thread_local! {
+    static DIGITS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn check_text(text: &[u8]) -> Result<&str, FieldError> {
@@ -363,19 +416,38 @@ fn decode_bytea(text: &[u8], out: &mut Vec<u8>) -> Result<(), FieldError> {
 /// With a type modifier the value is rounded half away from zero to its scale, as Postgres does,
 /// and refused when it has too many integer digits.
 pub fn parse_numeric(s: &str, typmod: Option<(u32, u32)>) -> Result<String, FieldError> {
+    let mut out = Vec::new();
+    parse_numeric_into(s, typmod, &mut Vec::new(), &mut out)?;
+    Ok(String::from_utf8(out).unwrap_or_default())
+}
+
+/// [`parse_numeric`] appending to `out`, with `digits` as scratch space (no allocation once
+/// both have grown).
+pub fn parse_numeric_into(
+    s: &str,
+    typmod: Option<(u32, u32)>,
+    digits: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<(), FieldError> {
     let s = s.trim();
-    let lower = s.to_ascii_lowercase();
-    let special = match lower.as_str() {
-        "nan" => Some("NaN"),
-        "infinity" | "+infinity" | "inf" | "+inf" => Some("Infinity"),
-        "-infinity" | "-inf" => Some("-Infinity"),
-        _ => None,
-    };
-    if let Some(sp) = special {
-        if typmod.is_some() && sp != "NaN" {
-            return Err("does not fit a numeric with precision and scale (infinity)".into());
+    if s.len() <= 9 && s.bytes().any(|c| c.is_ascii_alphabetic() && c != b'e' && c != b'E') {
+        let special = if s.eq_ignore_ascii_case("nan") {
+            Some("NaN")
+        } else if ["infinity", "+infinity", "inf", "+inf"].iter().any(|w| s.eq_ignore_ascii_case(w))
+        {
+            Some("Infinity")
+        } else if ["-infinity", "-inf"].iter().any(|w| s.eq_ignore_ascii_case(w)) {
+            Some("-Infinity")
+        } else {
+            None
+        };
+        if let Some(sp) = special {
+            if typmod.is_some() && sp != "NaN" {
+                return Err("does not fit a numeric with precision and scale (infinity)".into());
+            }
+            out.extend_from_slice(sp.as_bytes());
+            return Ok(());
         }
-        return Ok(sp.to_string());
     }
     let bad = || "is not a number".to_string();
     let b = s.as_bytes();
@@ -391,7 +463,7 @@ pub fn parse_numeric(s: &str, typmod: Option<(u32, u32)>) -> Result<String, Fiel
         }
         _ => false,
     };
-    let mut digits = Vec::with_capacity(b.len());
+    digits.clear();
     let mut frac = 0i64;
     let mut seen_point = false;
     let mut any = false;
@@ -467,26 +539,24 @@ pub fn parse_numeric(s: &str, typmod: Option<(u32, u32)>) -> Result<String, Fiel
         return Err("has too many digits after the point for numeric".into());
     }
     let int_len = (digits.len() as i64 - scale).max(0) as usize;
-    let mut out = String::with_capacity(digits.len() + 3);
     let all_zero = digits.iter().all(|&d| d == 0);
     if neg && !all_zero {
-        out.push('-');
+        out.push(b'-');
     }
-    let int_part: Vec<u8> = digits[..int_len].iter().copied().skip_while(|&d| d == 0).collect();
-    if int_part.is_empty() {
-        out.push('0');
+    let int_part = &digits[..int_len];
+    let lead = int_part.iter().take_while(|&&d| d == 0).count();
+    if lead == int_len {
+        out.push(b'0');
     }
-    out.extend(int_part.iter().map(|&d| (b'0' + d) as char));
+    out.extend(int_part[lead..].iter().map(|&d| b'0' + d));
     if scale > 0 {
-        out.push('.');
+        out.push(b'.');
         let frac_digits = &digits[int_len..];
         // When there are fewer digits than the scale (0.05 written as .05), pad on the left.
-        for _ in frac_digits.len()..scale as usize {
-            out.push('0');
-        }
-        out.extend(frac_digits.iter().map(|&d| (b'0' + d) as char));
+        out.extend(std::iter::repeat_n(b'0', (scale as usize).saturating_sub(frac_digits.len())));
+        out.extend(frac_digits.iter().map(|&d| b'0' + d));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Days since 2000-01-01 of a civil date.

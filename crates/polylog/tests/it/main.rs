@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use polylog_testkit::TempDir;
 
+mod load;
+
 fn polylog(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_polylog"));
     c.current_dir(dir);
