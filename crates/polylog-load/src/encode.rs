@@ -23,10 +23,6 @@ pub struct Chunk {
     /// The input row number of each row (1-based), for messages.
     pub rows: Vec<u64>,
     pub cols: Vec<ColumnData>,
-    /// Checksum of the rows' fields, to notice an input changed under a resumed load.
-    pub crc: u32,
-    /// Bytes of input the rows came from.
-    pub bytes: usize,
 }
 
 impl Chunk {
@@ -36,8 +32,6 @@ impl Chunk {
             target,
             rows: Vec::new(),
             cols: columns.iter().map(|c| ColumnData::new(&c.ty)).collect(),
-            crc: 0,
-            bytes: 0,
         }
     }
 
@@ -50,7 +44,7 @@ impl Chunk {
                 ColumnData::with_capacity(&c.ty, hint.0, hint.1.get(i).copied().unwrap_or(0))
             })
             .collect();
-        Chunk { no: u64::MAX, target, rows: Vec::with_capacity(hint.0), cols, crc: 0, bytes: 0 }
+        Chunk { no: u64::MAX, target, rows: Vec::with_capacity(hint.0), cols }
     }
 
     pub fn len(&self) -> usize {
@@ -59,6 +53,95 @@ impl Chunk {
 
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+}
+
+/// Input records on their way to a worker, which parses them: the reader only splits records,
+/// routes them and checksums them, so that parsing runs in every stream at once.
+#[derive(Debug)]
+pub struct RawChunk {
+    pub no: u64,
+    pub target: usize,
+    /// Input row number and line of each record.
+    pub rows: Vec<(u64, u64)>,
+    pub data: Vec<u8>,
+    /// The fields of all records: `(start, end)` into `data`, or NULL.
+    pub fields: Vec<Option<(u32, u32)>>,
+    /// Where each record's fields end in `fields`.
+    pub ends: Vec<u32>,
+    /// Records the reader already found bad (wrong field count, no partition for the key):
+    /// record index, column (empty: the whole record) and reason.
+    pub bad: Vec<(usize, String, String)>,
+    pub crc: u32,
+}
+
+/// One record of a raw chunk (or of the input).
+#[derive(Debug, Clone, Copy)]
+pub struct RowRef<'a> {
+    pub data: &'a [u8],
+    /// `data` as text, when it is all UTF-8.
+    pub utf8: Option<&'a str>,
+    pub fields: &'a [Option<(u32, u32)>],
+    pub row: u64,
+    pub line: u64,
+}
+
+impl RowRef<'_> {
+    pub fn field(&self, i: usize) -> Option<&[u8]> {
+        self.fields.get(i).copied().flatten().map(|(s, e)| &self.data[s as usize..e as usize])
+    }
+
+    /// The field as text, when the record's data is known to be UTF-8.
+    pub fn field_str(&self, i: usize) -> Option<&str> {
+        let (s, e) = self.fields.get(i).copied().flatten()?;
+        self.utf8?.get(s as usize..e as usize)
+    }
+}
+
+impl RawChunk {
+    pub fn new(target: usize, fields_per_row: usize, hint: (usize, usize)) -> RawChunk {
+        RawChunk {
+            no: u64::MAX,
+            target,
+            rows: Vec::with_capacity(hint.0),
+            data: Vec::with_capacity(hint.1),
+            fields: Vec::with_capacity(hint.0 * fields_per_row),
+            ends: Vec::with_capacity(hint.0),
+            bad: Vec::new(),
+            crc: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Appends a record (which has `fields_per_row` fields).
+    pub fn push(&mut self, row: u64, line: u64, data: &[u8], fields: &[Option<(usize, usize)>]) {
+        let base = self.data.len();
+        self.data.extend_from_slice(data);
+        self.rows.push((row, line));
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        for f in fields {
+            let tag = match f {
+                Some((s, e)) => (e - s) as u32,
+                None => u32::MAX,
+            };
+            self.crc = crc32c::crc32c_append(self.crc, &tag.to_le_bytes());
+            self.fields.push(f.map(|(s, e)| ((base + s) as u32, (base + e) as u32)));
+        }
+        self.ends.push(self.fields.len() as u32);
+    }
+
+    /// Record `i`; `utf8` is the chunk's data as text when it is all UTF-8.
+    pub fn row<'a>(&'a self, i: usize, utf8: Option<&'a str>) -> RowRef<'a> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        let fields = &self.fields[start..self.ends[i] as usize];
+        RowRef { data: &self.data, utf8, fields, row: self.rows[i].0, line: self.rows[i].1 }
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use polylog_postgres::schema::quote_ident;
 use polylog_postgres::wire::{ConnectParams, Connection, PgError};
 
-use crate::encode::{copy_binary, parquet_file, parquet_schema, Chunk};
+use crate::encode::{copy_binary, parquet_file, parquet_schema, Chunk, RawChunk, RowRef};
 use crate::output::Output;
 use crate::source::{Delimited, Format, Header, ParquetSource, Record, Source};
 use crate::target::{self, quote_table, Router, SchemaFile, Target};
@@ -167,6 +167,7 @@ CREATE TABLE IF NOT EXISTS polylog_load_chunks (
     chunk bigint NOT NULL,
     rows bigint NOT NULL,
     crc bigint NOT NULL,
+    loaded bigint NOT NULL,
     PRIMARY KEY (load_id, chunk)
 );";
 
@@ -183,6 +184,7 @@ struct Shared {
     input_done: AtomicU64,
     input_total: AtomicU64,
     per_target: Mutex<HashMap<String, u64>>,
+    rejected: AtomicU64,
     /// Partitions created by committed chunks.
     created: Mutex<std::collections::HashSet<String>>,
 }
@@ -199,7 +201,7 @@ impl Shared {
 
 /// What a worker needs for every chunk.
 struct Job {
-    chunk: Chunk,
+    raw: RawChunk,
     target: Target,
     /// Create the partition in the chunk's transaction (and COPY with FREEZE).
     create: Option<String>,
@@ -345,6 +347,7 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
         )
         .map_err(pg)?;
     let mut committed: HashMap<u64, (u64, u32)> = HashMap::new();
+    let mut resumed_rows = 0u64;
     let mut freeze_first;
     if created && !rows.is_empty() {
         // The table of an unfinished load was dropped: its chunks went with it; start over.
@@ -379,13 +382,14 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
         }
         let chunks = conn
             .query_params(
-                "SELECT chunk, rows, crc FROM polylog_load_chunks WHERE load_id = $1",
+                "SELECT chunk, rows, crc, loaded FROM polylog_load_chunks WHERE load_id = $1",
                 &[load_id.as_bytes()],
             )
             .map_err(pg)?;
         for c in chunks {
             let n = |i: usize| c[i].as_deref().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             committed.insert(n(0), (n(1), n(2) as u32));
+            resumed_rows += n(3);
         }
         freeze_first = get(5) == "t" && !committed.contains_key(&0);
     } else {
@@ -433,7 +437,7 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
         copy_cols,
     });
     if opts.progress && !committed.is_empty() {
-        let rows: u64 = committed.values().map(|c| c.0).sum();
+        let rows = resumed_rows;
         eprintln!(
             "resuming load {load_id:?}: {} chunks ({} rows) are already in",
             committed.len(),
@@ -445,6 +449,14 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
     let progress_total = source.progress().total;
     shared.input_total.store(progress_total, Ordering::Relaxed);
 
+    // Bad rows go to the rejects file (appended to when resuming) before their chunk commits.
+    let rejects = match &opts.rejects {
+        Some(p) => Some(Arc::new(Mutex::new(
+            Rejects::create(p, source_is_csv(opts), !committed.is_empty())
+                .map_err(LoadError::Setup)?,
+        ))),
+        None => None,
+    };
     // Workers, each with its own connection and a queue of one chunk.
     let mut senders: Vec<SyncSender<Job>> = Vec::new();
     let mut handles = Vec::new();
@@ -452,6 +464,7 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
         let (tx, rx) = sync_channel::<Job>(1);
         senders.push(tx);
         let (plan, shared, params) = (Arc::clone(&plan), Arc::clone(&shared), params.clone());
+        let rejects = rejects.clone();
         let h = std::thread::Builder::new()
             .name(format!("load-{w}"))
             .spawn(move || {
@@ -465,10 +478,15 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
                     if shared.failed.load(Ordering::SeqCst) {
                         continue; // drain: the reader stops soon
                     }
-                    match commit_chunk(&mut conn, &plan, &job) {
-                        Ok(parquet_bytes) => {
+                    let done =
+                        parse_chunk(&plan, &job.raw, rejects.is_some()).and_then(|(chunk, bad)| {
+                            commit_chunk(&mut conn, &plan, &job, &chunk, &bad, rejects.as_deref())
+                                .map(|pq| (chunk.len() as u64, bad.len() as u64, pq))
+                        });
+                    match done {
+                        Ok((n, bad, parquet_bytes)) => {
                             shared.parquet_bytes.fetch_add(parquet_bytes, Ordering::Relaxed);
-                            let n = job.chunk.len() as u64;
+                            shared.rejected.fetch_add(bad, Ordering::SeqCst);
                             *shared
                                 .per_target
                                 .lock()
@@ -484,10 +502,10 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
                                     .unwrap_or_else(|p| p.into_inner())
                                     .insert(job.target.sql.clone());
                             }
-                            if job.chunk.no == 0 {
+                            if job.raw.no == 0 {
                                 shared.chunk0_done.store(true, Ordering::SeqCst);
                             }
-                            if plan.parquet.is_some() {
+                            if plan.parquet.is_some() && n > 0 {
                                 shared.parquet_files.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -506,7 +524,7 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
     let done = Arc::new(AtomicBool::new(false));
     let progress = opts.progress.then(|| {
         let (shared, done) = (Arc::clone(&shared), Arc::clone(&done));
-        let resumed: u64 = committed.values().map(|c| c.0).sum();
+        let resumed = resumed_rows;
         let unit_rows = format == Format::Parquet;
         std::thread::spawn(move || progress_loop(&shared, &done, started, resumed, unit_rows))
     });
@@ -530,7 +548,7 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
         let _ = p.join();
     }
     let committed_rows = shared.committed_rows.load(Ordering::SeqCst);
-    let all_committed = committed_rows + committed.values().map(|c| c.0).sum::<u64>();
+    let all_committed = committed_rows + resumed_rows;
     let stopped = |why: String| {
         LoadError::Stopped(format!(
             "{why}\n{} rows are committed (load {load_id:?}); nothing of the failed chunk is. Run the \
@@ -539,10 +557,10 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
             if opts.rejects.is_none() { ", or add --rejects FILE to set bad rows aside" } else { "" }
         ))
     };
-    let (rejected, resumed_rows) = match read {
-        Ok(r) => r,
-        Err(e) => return Err(stopped(e)),
-    };
+    if let Err(e) = read {
+        return Err(stopped(e));
+    }
+    let rejected = shared.rejected.load(Ordering::SeqCst);
     if let Some(e) = shared.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(stopped(e));
     }
@@ -577,8 +595,8 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
     })
 }
 
-/// Reads every record, builds chunks per target and hands them to the workers. Returns the
-/// rows rejected and the rows skipped as already committed.
+/// Reads every record, routes it and builds raw chunks per target, and hands them to the
+/// workers. Returns the rows skipped as already committed.
 #[allow(clippy::too_many_arguments)]
 fn read_all(
     source: &mut dyn Source,
@@ -589,34 +607,30 @@ fn read_all(
     freeze_first: bool,
     senders: &[SyncSender<Job>],
     shared: &Shared,
-) -> Result<(u64, u64), String> {
-    let mut rejects = match &opts.rejects {
-        Some(p) => Some(Rejects::create(p, source_is_csv(opts))?),
-        None => None,
-    };
+) -> Result<u64, String> {
     let cols = &plan.columns;
-    let mut open: Vec<Option<Chunk>> = Vec::new(); // per target
+    let fields_per_row = plan.input_fields.unwrap_or(cols.len());
+    let mut open: Vec<Option<RawChunk>> = Vec::new(); // per target
     let mut buffered = 0usize;
     let mut next_no = 0u64;
     let mut rr = 0usize;
     let mut rec = Record::default();
     let mut row = 0u64;
-    let mut rejected = 0u64;
     let mut skipped = 0u64;
-    // The key column is parsed into a scratch column first when routing.
+    // Routing parses the partition key here; the rest of the row is parsed by a worker.
     let key = router.as_ref().map(|r| r.key());
     let mut key_col = ColumnData::new(key.map_or(&ColType::Bool, |k| &cols[k].ty));
-    // The sizes of the last chunk sent, to allocate the next one at once.
-    let mut hint: (usize, Vec<usize>) = (0, Vec::new());
+    // The size of the last chunk sent, to allocate the next one at once.
+    let mut hint = (0usize, 0usize);
     let mut creators: HashMap<usize, usize> = HashMap::new();
-    let mut dispatch = |chunk: Chunk, target: Target, shared: &Shared| -> Result<(), String> {
+    let mut dispatch = |chunk: RawChunk, target: Target, shared: &Shared| -> Result<(), String> {
         let no = chunk.no;
         if let Some(&(rows, crc)) = committed.get(&no) {
             if rows != chunk.len() as u64 || crc != chunk.crc {
                 return Err(format!(
-                    "the input changed since this load began: chunk {no} (rows {}..) is not what was \
-                     committed. Give a new --load-id to load it as a new load",
-                    chunk.rows.first().copied().unwrap_or(0)
+                    "the input changed since this load began: chunk {no} (from row {}) is not what \
+                     was committed. Give a new --load-id to load it as a new load",
+                    chunk.rows.first().map_or(0, |r| r.0)
                 ));
             }
             skipped += rows;
@@ -625,6 +639,8 @@ fn read_all(
         // The first chunk of a partition this load creates carries the CREATE; the next ones
         // queue behind it on the same worker until it has committed, then any worker goes.
         let mut create = None;
+        let created =
+            |sql: &str| shared.created.lock().unwrap_or_else(|p| p.into_inner()).contains(sql);
         let w = match &target.create {
             Some(sql) => match creators.get(&chunk.target) {
                 None => {
@@ -633,15 +649,7 @@ fn read_all(
                     create = Some(sql.clone());
                     rr % senders.len()
                 }
-                Some(&w)
-                    if !shared
-                        .created
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains(&target.sql) =>
-                {
-                    w
-                }
+                Some(&w) if !created(&target.sql) => w,
                 Some(_) => {
                     rr += 1;
                     rr % senders.len()
@@ -653,7 +661,7 @@ fn read_all(
             }
         };
         let first = freeze_first && no == 0;
-        if senders[w].send(Job { chunk, target, create, freeze_truncate: first }).is_err() {
+        if senders[w].send(Job { raw: chunk, target, create, freeze_truncate: first }).is_err() {
             return Err("a worker stopped".into());
         }
         if first {
@@ -669,7 +677,7 @@ fn read_all(
     };
     loop {
         if shared.failed.load(Ordering::Relaxed) {
-            return Ok((rejected, skipped)); // the worker's error is reported
+            return Ok(skipped); // the worker's error is reported
         }
         let got = source.next(&mut rec).map_err(|e| format!("input row {}: {e}", row + 1))?;
         if row % 4096 == 0 {
@@ -679,69 +687,37 @@ fn read_all(
             break;
         }
         row += 1;
-        // The target first (from the partition key alone), then the whole row straight into
-        // that target's chunk.
-        let target = match (plan.input_fields, &mut router, key) {
-            (Some(n), _, _) if rec.fields.len() != n => Err((
+        let mut bad = None;
+        let mut target = 0;
+        if rec.fields.len() != fields_per_row {
+            bad = Some((
                 String::new(),
-                format!("has {} fields where {n} were expected", rec.fields.len()),
-            )),
-            (_, Some(r), Some(k)) => {
-                key_col.truncate_rows(0);
-                let routed = match rec.field(plan.fields[k]) {
-                    None => {
-                        key_col.push_null();
-                        Ok(())
-                    }
-                    Some(text) => key_col.push_text(&cols[k].ty, text),
-                };
-                routed
-                    .and_then(|()| r.route(&key_col, &cols[k].ty))
-                    .map_err(|why| (cols[k].name.clone(), why))
-            }
-            _ => Ok(0),
-        };
-        let parsed = target.and_then(|target| {
-            if open.len() <= target {
-                open.resize_with(target + 1, || None);
-            }
-            let chunk =
-                open[target].get_or_insert_with(|| Chunk::with_capacity(target, cols, &hint));
-            parse_row(&rec, plan, &mut chunk.cols, chunk.rows.len(), opts.parquet.is_some())
-                .map(|()| target)
-        });
-        let target = match parsed {
-            Ok(t) => t,
-            Err((column, why)) => {
-                let msg = if column.is_empty() {
-                    format!("row {row} (line {}): the record {why}", rec.line)
-                } else {
-                    let value = column_value(&rec, plan, &column);
-                    format!("row {row} (line {}), column {column:?}: {value} {why}", rec.line)
-                };
-                match &mut rejects {
-                    Some(r) => {
-                        r.write(&rec, &msg)?;
-                        rejected += 1;
-                        continue;
-                    }
-                    None => return Err(msg),
+                format!("has {} fields where {fields_per_row} were expected", rec.fields.len()),
+            ));
+        } else if let (Some(r), Some(k)) = (&mut router, key) {
+            key_col.truncate_rows(0);
+            let parsed = match rec.field(plan.fields[k]) {
+                None => {
+                    key_col.push_null();
+                    Ok(())
                 }
-            }
-        };
-        let Some(chunk) = open[target].as_mut() else { continue };
-        chunk.rows.push(row);
-        chunk.bytes += rec.data.len();
-        chunk.crc = crc32c::crc32c_append(chunk.crc, &rec.data);
-        for f in &rec.fields {
-            let tag = match f {
-                Some((s, e)) => (e - s) as u32,
-                None => u32::MAX,
+                Some(text) => key_col.push_text(&cols[k].ty, text),
             };
-            chunk.crc = crc32c::crc32c_append(chunk.crc, &tag.to_le_bytes());
+            match parsed.and_then(|()| r.route(&key_col, &cols[k].ty)) {
+                Ok(t) => target = t,
+                Err(why) => bad = Some((cols[k].name.clone(), why)),
+            }
         }
+        if open.len() <= target {
+            open.resize_with(target + 1, || None);
+        }
+        let chunk = open[target].get_or_insert_with(|| RawChunk::new(target, fields_per_row, hint));
+        if let Some((column, why)) = bad {
+            chunk.bad.push((chunk.len(), column, why));
+        }
+        chunk.push(row, rec.line, &rec.data, &rec.fields);
         buffered += 1;
-        let full = chunk.len() >= opts.chunk_rows || chunk.bytes >= CHUNK_BYTES_MAX;
+        let full = chunk.len() >= opts.chunk_rows || chunk.data.len() >= CHUNK_BYTES_MAX;
         let flush = if full {
             Some(target)
         } else if buffered >= opts.chunk_rows * 2 {
@@ -757,7 +733,7 @@ fn read_all(
         if let Some(t) = flush {
             if let Some(mut c) = open[t].take() {
                 buffered -= c.len();
-                hint = (c.len(), c.cols.iter().map(ColumnData::bytes_len).collect());
+                hint = (c.len(), c.data.len());
                 c.no = next_no;
                 next_no += 1;
                 let t = target_of(&router, plan, c.target);
@@ -767,18 +743,64 @@ fn read_all(
     }
     shared.input_done.store(source.progress().done, Ordering::Relaxed);
     // The rest, oldest first row first.
-    let mut rest: Vec<Chunk> = open.into_iter().flatten().filter(|c| !c.is_empty()).collect();
-    rest.sort_by_key(|c| c.rows.first().copied().unwrap_or(0));
+    let mut rest: Vec<RawChunk> = open.into_iter().flatten().filter(|c| !c.is_empty()).collect();
+    rest.sort_by_key(|c| c.rows.first().map_or(0, |r| r.0));
     for mut c in rest {
         c.no = next_no;
         next_no += 1;
         let t = target_of(&router, plan, c.target);
         dispatch(c, t, shared)?;
     }
-    if let Some(r) = rejects {
-        r.finish()?;
+    Ok(skipped)
+}
+
+/// A bad row: where it is, and why.
+struct BadRow {
+    /// Index in the raw chunk.
+    index: usize,
+    message: String,
+}
+
+/// Parses a raw chunk into columns. Bad rows stop it (the first one is the error) unless they
+/// are kept aside (`rejecting`), in which case they are returned.
+fn parse_chunk(
+    plan: &Plan,
+    raw: &RawChunk,
+    rejecting: bool,
+) -> Result<(Chunk, Vec<BadRow>), String> {
+    let cols = &plan.columns;
+    let mut chunk = Chunk::with_capacity(raw.target, cols, &(raw.len(), Vec::new()));
+    chunk.no = raw.no;
+    let mut bad = Vec::new();
+    let mut known_bad = raw.bad.iter().peekable();
+    // One UTF-8 check for the whole chunk instead of one per field.
+    let utf8 = std::str::from_utf8(&raw.data).ok();
+    for i in 0..raw.len() {
+        let r = raw.row(i, utf8);
+        let result = match known_bad.peek() {
+            Some((at, column, why)) if *at == i => {
+                known_bad.next();
+                Err((column.clone(), why.clone()))
+            }
+            _ => parse_row(r, plan, &mut chunk.cols, chunk.rows.len(), plan.parquet.is_some()),
+        };
+        match result {
+            Ok(()) => chunk.rows.push(r.row),
+            Err((column, why)) => {
+                let message = if column.is_empty() {
+                    format!("row {} (line {}): the record {why}", r.row, r.line)
+                } else {
+                    let value = column_value(r, plan, &column);
+                    format!("row {} (line {}), column {column:?}: {value} {why}", r.row, r.line)
+                };
+                if !rejecting {
+                    return Err(message);
+                }
+                bad.push(BadRow { index: i, message });
+            }
+        }
     }
-    Ok((rejected, skipped))
+    Ok((chunk, bad))
 }
 
 fn target_of(router: &Option<&mut Router>, plan: &Plan, t: usize) -> Target {
@@ -795,7 +817,7 @@ fn source_is_csv(opts: &LoadOptions) -> bool {
 /// Parses one record onto the end of a chunk's columns, which hold `rows` rows. On error the
 /// columns are as they were and the error names the column.
 fn parse_row(
-    rec: &Record,
+    rec: RowRef<'_>,
     plan: &Plan,
     cols: &mut [ColumnData],
     rows: usize,
@@ -808,13 +830,9 @@ fn parse_row(
                 cols[c].push_null();
                 Ok(())
             }
-            Some(text) => cols[c].push_text(&col.ty, text).and_then(|()| {
-                if parquet {
-                    nan_check(&cols[c], &col.ty)
-                } else {
-                    Ok(())
-                }
-            }),
+            Some(text) => cols[c]
+                .push_field(&col.ty, text, rec.field_str(plan.fields[c]))
+                .and_then(|()| if parquet { nan_check(&cols[c], &col.ty) } else { Ok(()) }),
         };
         if let Err(why) = r {
             for done in &mut cols[..=c] {
@@ -837,14 +855,14 @@ fn nan_check(col: &ColumnData, ty: &ColType) -> Result<(), String> {
 }
 
 /// The field of `column` in a record, quoted and shortened for a message.
-fn column_value(rec: &Record, plan: &Plan, column: &str) -> String {
+fn column_value(rec: RowRef<'_>, plan: &Plan, column: &str) -> String {
     let Some(c) = plan.columns.iter().position(|c| c.name == column) else {
         return "the row".into();
     };
-    match rec.fields.get(plan.fields[c]).copied().flatten() {
+    match rec.field(plan.fields[c]) {
         None => "NULL".into(),
-        Some((s, e)) => {
-            let text = String::from_utf8_lossy(&rec.data[s..e]);
+        Some(field) => {
+            let text = String::from_utf8_lossy(field);
             let short: String = text.chars().take(80).collect();
             let more = if text.chars().count() > 80 { "..." } else { "" };
             format!("{short:?}{more}")
@@ -854,8 +872,14 @@ fn column_value(rec: &Record, plan: &Plan, column: &str) -> String {
 
 /// Copies one chunk into its table or partition and commits it with its resume entry; the
 /// Parquet file is in place before the commit.
-fn commit_chunk(conn: &mut Connection, plan: &Plan, job: &Job) -> Result<u64, String> {
-    let chunk = &job.chunk;
+fn commit_chunk(
+    conn: &mut Connection,
+    plan: &Plan,
+    job: &Job,
+    chunk: &Chunk,
+    bad: &[BadRow],
+    rejects: Option<&Mutex<Rejects>>,
+) -> Result<u64, String> {
     let target = &job.target;
     let fail = |what: &str, e: PgError| -> String {
         // Postgres names the COPY line: map it back to the input row.
@@ -894,11 +918,32 @@ fn commit_chunk(conn: &mut Connection, plan: &Plan, job: &Job) -> Result<u64, St
         plan.copy_cols,
         if freeze { ", FREEZE" } else { "" }
     );
-    conn.copy_in_start(&sql).map_err(|e| fail("starting COPY into", e))?;
-    let sent = copy_binary(chunk, &plan.columns, 1 << 20, |b| conn.copy_in_send(b));
-    let done = conn.copy_in_finish();
-    sent.map_err(|e| fail("sending rows to", e))?;
-    let n = done.map_err(|e| fail("copying into", e))?;
+    // The Parquet file is encoded and stored while Postgres takes the rows.
+    let parquet = |chunk: &Chunk| -> Result<u64, String> {
+        match (&plan.parquet, chunk.is_empty()) {
+            (Some((out, schema, base)), false) => {
+                let bytes = parquet_file(chunk, &plan.columns, schema)?;
+                let n = bytes.len() as u64;
+                out.put(&format!("{base}-{:06}.parquet", chunk.no), bytes)?;
+                Ok(n)
+            }
+            _ => Ok(0),
+        }
+    };
+    let (copied, parquet_bytes) = std::thread::scope(|scope| {
+        let pq = scope.spawn(|| parquet(chunk));
+        let copied = (|| -> Result<u64, String> {
+            conn.copy_in_start(&sql).map_err(|e| fail("starting COPY into", e))?;
+            let sent = copy_binary(chunk, &plan.columns, 1 << 20, |b| conn.copy_in_send(b));
+            let done = conn.copy_in_finish();
+            sent.map_err(|e| fail("sending rows to", e))?;
+            done.map_err(|e| fail("copying into", e))
+        })();
+        let pq = pq.join().unwrap_or_else(|_| Err("writing Parquet failed (panic)".into()));
+        (copied, pq)
+    });
+    let n = copied?;
+    let parquet_bytes = parquet_bytes?;
     if n != chunk.len() as u64 {
         return Err(format!(
             "Postgres stored {n} of the {} rows sent to {}",
@@ -906,22 +951,26 @@ fn commit_chunk(conn: &mut Connection, plan: &Plan, job: &Job) -> Result<u64, St
             target.sql
         ));
     }
-    let mut parquet_bytes = 0;
-    if let Some((out, schema, base)) = &plan.parquet {
-        let bytes = parquet_file(chunk, &plan.columns, schema)?;
-        parquet_bytes = bytes.len() as u64;
-        out.put(&format!("{base}-{:06}.parquet", chunk.no), bytes)?;
-    }
     conn.query_params(
-        "INSERT INTO polylog_load_chunks (load_id, chunk, rows, crc) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO polylog_load_chunks (load_id, chunk, rows, crc, loaded) VALUES ($1, $2, $3, $4, $5)",
         &[
             plan.load_id.as_bytes(),
             chunk.no.to_string().as_bytes(),
+            job.raw.len().to_string().as_bytes(),
+            job.raw.crc.to_string().as_bytes(),
             chunk.len().to_string().as_bytes(),
-            chunk.crc.to_string().as_bytes(),
         ],
     )
     .map_err(|e| fail("recording the chunk of", e))?;
+    // Rejected rows are written (and flushed) before the commit: a crash in between writes
+    // them again on resume rather than losing them.
+    if let (Some(r), false) = (rejects, bad.is_empty()) {
+        let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
+        for b in bad {
+            r.write(job.raw.row(b.index, None), &b.message)?;
+        }
+        r.flush()?;
+    }
     conn.execute("COMMIT").map_err(|e| fail("committing", e))?;
     Ok(parquet_bytes)
 }
@@ -989,9 +1038,14 @@ struct Rejects {
 }
 
 impl Rejects {
-    fn create(path: &Path, csv: bool) -> Result<Rejects, String> {
+    fn create(path: &Path, csv: bool, append: bool) -> Result<Rejects, String> {
         let open = |p: &Path| {
-            File::create(p)
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(append)
+                .truncate(!append)
+                .open(p)
                 .map(BufWriter::new)
                 .map_err(|e| format!("cannot create {}: {e}", p.display()))
         };
@@ -1005,7 +1059,7 @@ impl Rejects {
         })
     }
 
-    fn write(&mut self, rec: &Record, why: &str) -> Result<(), String> {
+    fn write(&mut self, rec: RowRef<'_>, why: &str) -> Result<(), String> {
         let mut line = Vec::with_capacity(rec.data.len() + rec.fields.len() * 3);
         for i in 0..rec.fields.len() {
             if i > 0 {
@@ -1044,7 +1098,7 @@ impl Rejects {
             .map_err(|e| format!("writing {}.reasons: {e}", self.path.display()))
     }
 
-    fn finish(mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), String> {
         let path = self.path.display().to_string();
         self.rows.flush().map_err(|e| format!("writing {path}: {e}"))?;
         self.reasons.flush().map_err(|e| format!("writing {path}.reasons: {e}"))

@@ -219,31 +219,46 @@ impl ColumnData {
 
     /// Parses `text` as a value of `ty` and appends it. On error nothing is appended.
     pub fn push_text(&mut self, ty: &ColType, text: &[u8]) -> Result<(), FieldError> {
+        self.push_field(ty, text, None)
+    }
+
+    /// [`ColumnData::push_text`] with the field as `&str` when it is already known to be
+    /// UTF-8 (the whole record was checked at once).
+    pub fn push_field(
+        &mut self,
+        ty: &ColType,
+        text: &[u8],
+        utf8: Option<&str>,
+    ) -> Result<(), FieldError> {
+        let st = || utf8.map_or_else(|| str_of(text), Ok);
         match (&mut self.values, ty) {
-            (Values::Bool(v), _) => v.push(parse_bool(text)?),
+            (Values::Bool(v), _) => v.push(parse_bool(st()?)?),
             (Values::I16(v), _) => {
                 let n = parse_int(text, "smallint")?;
                 v.push(i16::try_from(n).map_err(|_| "out of range for type smallint")?)
             }
-            (Values::I32(v), ColType::Date) => v.push(parse_date(str_of(text)?.trim())?),
+            (Values::I32(v), ColType::Date) => v.push(parse_date(st()?.trim())?),
             (Values::I32(v), _) => {
                 let n = parse_int(text, "integer")?;
                 v.push(i32::try_from(n).map_err(|_| "out of range for type integer")?)
             }
-            (Values::I64(v), ColType::Time(p)) => v.push(parse_time(str_of(text)?.trim(), *p)?),
+            (Values::I64(v), ColType::Time(p)) => v.push(parse_time(st()?.trim(), *p)?),
             (Values::I64(v), ColType::Timestamp(p)) => {
-                v.push(parse_timestamp(str_of(text)?.trim(), *p, false)?)
+                v.push(parse_timestamp(st()?.trim(), *p, false)?)
             }
             (Values::I64(v), ColType::Timestamptz(p)) => {
-                v.push(parse_timestamp(str_of(text)?.trim(), *p, true)?)
+                v.push(parse_timestamp(st()?.trim(), *p, true)?)
             }
             (Values::I64(v), _) => v.push(parse_int(text, "bigint")?),
-            (Values::F32(v), _) => v.push(parse_f32(text)?),
-            (Values::F64(v), _) => v.push(parse_float(text)?),
+            (Values::F32(v), _) => v.push(parse_f32(st()?)?),
+            (Values::F64(v), _) => v.push(parse_float(st()?)?),
             (Values::Uuid(v), _) => v.push(parse_uuid(text)?),
             (Values::Bytes { data, ends }, ty) => {
                 let start = data.len();
-                let r = push_bytes(data, ty, text);
+                let r = match (ty, utf8) {
+                    (ColType::Bytea, _) | (_, None) => push_bytes(data, ty, text),
+                    (_, Some(s)) => push_str(data, ty, s),
+                };
                 if r.is_err() {
                     data.truncate(start);
                 }
@@ -260,8 +275,8 @@ fn str_of(text: &[u8]) -> Result<&str, FieldError> {
     std::str::from_utf8(text).map_err(|_| "is not valid UTF-8".to_string())
 }
 
-fn parse_bool(text: &[u8]) -> Result<bool, FieldError> {
-    let s = str_of(text)?.trim().to_ascii_lowercase();
+fn parse_bool(s: &str) -> Result<bool, FieldError> {
+    let s = s.trim().to_ascii_lowercase();
     match s.as_str() {
         "t" | "true" | "y" | "yes" | "on" | "1" => Ok(true),
         "f" | "false" | "n" | "no" | "off" | "0" => Ok(false),
@@ -270,38 +285,57 @@ fn parse_bool(text: &[u8]) -> Result<bool, FieldError> {
 }
 
 fn parse_int(text: &[u8], ty: &str) -> Result<i64, FieldError> {
-    let s = str_of(text)?.trim();
-    s.parse::<i64>().map_err(|e| match e.kind() {
-        std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => {
-            format!("out of range for type {ty}")
+    let t = text.trim_ascii();
+    let (neg, digits) = match t.first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(format!("is not a valid {ty}"));
+    }
+    let mut v: i128 = 0;
+    for &c in digits {
+        v = v * 10 + (c - b'0') as i128;
+        if v > i64::MAX as i128 + 1 {
+            return Err(format!("out of range for type {ty}"));
         }
-        _ => format!("is not a valid {ty}"),
-    })
+    }
+    let v = if neg { -v } else { v };
+    i64::try_from(v).map_err(|_| format!("out of range for type {ty}"))
 }
 
-fn parse_float(text: &[u8]) -> Result<f64, FieldError> {
-    let s = str_of(text)?.trim();
+fn parse_float(s: &str) -> Result<f64, FieldError> {
+    let s = s.trim();
     let v: f64 = s.parse().map_err(|_| "is not a number".to_string())?;
     Ok(v)
 }
 
 /// A float4 parsed straight to `f32` (correctly rounded, as Postgres' `strtof`).
-pub fn parse_f32(text: &[u8]) -> Result<f32, FieldError> {
-    let s = str_of(text)?.trim();
+pub fn parse_f32(s: &str) -> Result<f32, FieldError> {
+    let s = s.trim();
     s.parse::<f32>().map_err(|_| "is not a number".to_string())
 }
 
 fn parse_uuid(text: &[u8]) -> Result<[u8; 16], FieldError> {
-    let s = str_of(text)?.trim();
-    let s = s.strip_prefix('{').and_then(|s| s.strip_suffix('}')).unwrap_or(s);
-    let hex: Vec<u8> = s.bytes().filter(|&c| c != b'-').collect();
+    let t = text.trim_ascii();
+    let t = t.strip_prefix(b"{").and_then(|t| t.strip_suffix(b"}")).unwrap_or(t);
     let bad = || "is not a UUID".to_string();
-    if hex.len() != 32 {
-        return Err(bad());
-    }
     let mut out = [0u8; 16];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        out[i] = (hex_digit(pair[0]).ok_or_else(bad)? << 4) | hex_digit(pair[1]).ok_or_else(bad)?;
+    let mut n = 0;
+    for &c in t {
+        if c == b'-' {
+            continue;
+        }
+        let d = hex_digit(c).ok_or_else(bad)?;
+        if n >= 32 {
+            return Err(bad());
+        }
+        out[n / 2] |= if n % 2 == 0 { d << 4 } else { d };
+        n += 1;
+    }
+    if n != 32 {
+        return Err(bad());
     }
     Ok(out)
 }
@@ -317,12 +351,20 @@ fn hex_digit(c: u8) -> Option<u8> {
 
 fn push_bytes(out: &mut Vec<u8>, ty: &ColType, text: &[u8]) -> Result<(), FieldError> {
     match ty {
+        ColType::Bytea => decode_bytea(text, out),
+        _ => push_str(out, ty, str_of(text)?),
+    }
+}
+
+fn push_str(out: &mut Vec<u8>, ty: &ColType, s: &str) -> Result<(), FieldError> {
+    let text = s.as_bytes();
+    match ty {
         ColType::Numeric(tm) => {
-            DIGITS.with(|d| parse_numeric_into(str_of(text)?, *tm, &mut d.borrow_mut(), out))?
+            DIGITS.with(|d| parse_numeric_into(s, *tm, &mut d.borrow_mut(), out))?
         }
         ColType::Bytea => decode_bytea(text, out)?,
         ColType::Text(max) => {
-            let s = check_text(text)?;
+            let s = check_text(s)?;
             if let Some(max) = max {
                 let chars = s.chars().count();
                 if chars > *max as usize {
@@ -338,7 +380,7 @@ fn push_bytes(out: &mut Vec<u8>, ty: &ColType, text: &[u8]) -> Result<(), FieldE
             out.extend_from_slice(text);
         }
         ColType::Char(n) => {
-            let s = check_text(text)?;
+            let s = check_text(s)?;
             let n = *n as usize;
             let chars = s.chars().count();
             if chars > n {
@@ -353,7 +395,7 @@ fn push_bytes(out: &mut Vec<u8>, ty: &ColType, text: &[u8]) -> Result<(), FieldE
             }
         }
         ColType::Json | ColType::Jsonb => {
-            check_text(text)?;
+            check_text(s)?;
             serde_json::from_slice::<serde::de::IgnoredAny>(text)
                 .map_err(|e| format!("is not valid JSON ({e})"))?;
             out.extend_from_slice(text);
@@ -367,9 +409,8 @@ thread_local! {
     static DIGITS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn check_text(text: &[u8]) -> Result<&str, FieldError> {
-    let s = str_of(text)?;
-    if text.contains(&0) {
+fn check_text(s: &str) -> Result<&str, FieldError> {
+    if s.as_bytes().contains(&0) {
         return Err("contains a NUL byte, which Postgres text cannot hold".into());
     }
     Ok(s)
@@ -378,15 +419,19 @@ fn check_text(text: &[u8]) -> Result<&str, FieldError> {
 /// bytea in either of Postgres' text forms: hex (`\x0aff`) or escape (`a\000\\`).
 fn decode_bytea(text: &[u8], out: &mut Vec<u8>) -> Result<(), FieldError> {
     if let Some(hex) = text.strip_prefix(b"\\x") {
-        let digits: Vec<u8> = hex.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect();
-        if digits.len() % 2 != 0 {
-            return Err("is not valid hex bytea (odd number of digits)".into());
-        }
-        for pair in digits.chunks(2) {
-            match (hex_digit(pair[0]), hex_digit(pair[1])) {
-                (Some(h), Some(l)) => out.push(h << 4 | l),
-                _ => return Err("is not valid hex bytea".into()),
+        let mut high = None;
+        for &c in hex {
+            if c.is_ascii_whitespace() {
+                continue;
             }
+            let d = hex_digit(c).ok_or("is not valid hex bytea")?;
+            match high.take() {
+                None => high = Some(d),
+                Some(h) => out.push(h << 4 | d),
+            }
+        }
+        if high.is_some() {
+            return Err("is not valid hex bytea (odd number of digits)".into());
         }
         return Ok(());
     }
@@ -604,6 +649,22 @@ fn parse_date(s: &str) -> Result<i32, FieldError> {
 
 /// `YYYY-MM-DD` at the start of `s`: days since 2000-01-01 and the rest.
 fn parse_ymd(s: &str) -> Result<(i64, &str), FieldError> {
+    let b = s.as_bytes();
+    // The common form, YYYY-MM-DD, without splitting.
+    if b.len() >= 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && [0, 1, 2, 3, 5, 6, 8, 9].iter().all(|&i| b[i].is_ascii_digit())
+        && b.get(10).is_none_or(|c| !c.is_ascii_digit())
+    {
+        let n =
+            |r: std::ops::Range<usize>| b[r].iter().fold(0u32, |a, &c| a * 10 + (c - b'0') as u32);
+        let (y, m, d) = (n(0..4) as i64, n(5..7), n(8..10));
+        if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
+            return Err("is not a valid date".into());
+        }
+        return Ok((days_from_civil(y, m, d), &s[10..]));
+    }
     let bad = || "is not a date (YYYY-MM-DD)".to_string();
     let mut parts = s.splitn(3, '-');
     let y = parts.next().ok_or_else(bad)?;
