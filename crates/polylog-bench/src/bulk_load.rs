@@ -75,7 +75,11 @@ pub fn run(opts: &Opts) -> Result<(), String> {
         if !out.status.success() {
             return Err(format!("psql: {}", String::from_utf8_lossy(&out.stderr)));
         }
-        Ok(rows as f64 / t.elapsed().as_secs_f64())
+        let rate = rows as f64 / t.elapsed().as_secs_f64();
+        if !opts.quick || table != "baseline" {
+            pg.psql("postgres", &format!("DROP TABLE {table}")).map_err(err)?;
+        }
+        Ok(rate)
     };
     // Run first and last; the faster of the two counts (this machine is shared and noisy).
     let b1 = baseline_run("baseline")?;
@@ -113,6 +117,11 @@ pub fn run(opts: &Opts) -> Result<(), String> {
                 s.parquet_files,
                 s.parquet_bytes as f64 / 1e6
             );
+            let _ = std::fs::remove_dir_all(scratch.0.join(format!("parquet-{table}")));
+        }
+        if !opts.quick {
+            // Room on disk for the next run (2M wide rows are several GB per table).
+            pg.psql("postgres", &format!("DROP TABLE {table}")).map_err(err)?;
         }
         Ok(rate)
     };

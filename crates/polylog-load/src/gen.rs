@@ -68,7 +68,7 @@ impl Rand {
     pub fn new(seed: u64) -> Rand {
         Rand(seed ^ 0x9E37_79B9_7F4A_7C15)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -76,7 +76,7 @@ impl Rand {
         z ^ (z >> 31)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 }
 
@@ -183,7 +183,7 @@ impl WideRows {
                         }
                     },
                     (_, "double precision") => {
-                        let v = f64::from_bits(r.next() >> 2) % 1e6;
+                        let v = f64::from_bits(r.next_u64() >> 2) % 1e6;
                         let _ =
                             write!(line, "{}", if r.below(50) == 0 { f64::NAN } else { v / 7.0 });
                     }
@@ -208,7 +208,7 @@ impl WideRows {
                         let _ = write!(line, "{}/p{}", SITES[r.below(4) as usize], r.below(500));
                     }
                     (_, "uuid") => {
-                        let (a, b) = (r.next(), r.next());
+                        let (a, b) = (r.next_u64(), r.next_u64());
                         let _ = write!(
                             line,
                             "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",

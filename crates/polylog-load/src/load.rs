@@ -15,15 +15,31 @@ use polylog_postgres::wire::{ConnectParams, Connection, PgError};
 
 use crate::encode::{copy_binary, parquet_file, parquet_schema, Chunk, RawChunk, RowRef};
 use crate::output::Output;
-use crate::source::{Delimited, Format, Header, ParquetSource, Record, Source};
+use crate::source::{Delimited, Format, Header, ParquetSource, Record, Source, TopicSource};
 use crate::target::{self, quote_table, Router, SchemaFile, Target};
 use crate::types::{ColType, Column, ColumnData, Values};
 use crate::LoadError;
 
+/// A topic to load from, instead of a file.
+#[derive(Clone)]
+pub struct TopicInput {
+    pub log: Arc<dyn polylog_log::Log>,
+    pub topic: String,
+}
+
+impl std::fmt::Debug for TopicInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "topic {}", self.topic)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// The input file.
+    /// The input file (unless `topic`).
     pub from: PathBuf,
+    /// Load the records of a topic: each run loads what the topic got since the last finished
+    /// load of the same topic into the same table.
+    pub topic: Option<TopicInput>,
     /// Its format (default: from the file name).
     pub format: Option<Format>,
     pub url: String,
@@ -52,6 +68,7 @@ impl LoadOptions {
     pub fn new(from: impl Into<PathBuf>, url: &str, table: &str) -> LoadOptions {
         LoadOptions {
             from: from.into(),
+            topic: None,
             format: None,
             url: url.to_string(),
             table: table.to_string(),
@@ -85,12 +102,17 @@ pub struct Summary {
     pub parquet_bytes: u64,
     /// The load had already finished; nothing was done.
     pub already_done: bool,
+    /// A topic had nothing new since the last load (`load_id` says so).
+    pub nothing_new: bool,
     /// The tables and partitions rows went into, with their row counts.
     pub targets: Vec<(String, u64)>,
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.nothing_new {
+            return f.write_str(&self.load_id);
+        }
         if self.already_done {
             return write!(
                 f,
@@ -134,7 +156,7 @@ pub fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -212,6 +234,8 @@ struct Job {
 
 struct Plan {
     load_id: String,
+    /// Rows come from a topic: places are partition and offset, not lines.
+    topic: bool,
     columns: Vec<Column>,
     /// For each loaded column, the input field it comes from.
     fields: Vec<usize>,
@@ -233,24 +257,45 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
     let params = ConnectParams::parse(&opts.url).map_err(pg)?;
     let mut conn = Connection::connect(&params, false).map_err(pg)?;
     conn.execute(STATE_DDL).map_err(pg)?;
-    let format = match opts.format {
-        Some(f) => f,
-        None => Format::detect(&opts.from).map_err(LoadError::Setup)?,
+    let (format, source_desc, load_id, input_len, ranges) = match &opts.topic {
+        Some(t) => {
+            let (desc, ranges) = topic_ranges(&mut conn, &opts.table, t)?;
+            let Some(ranges) = ranges else {
+                return Ok(Summary {
+                    load_id: desc,
+                    already_done: true,
+                    nothing_new: true,
+                    ..Summary::default()
+                });
+            };
+            let id = opts.load_id.clone().unwrap_or_else(|| {
+                format!("{}:{}:{:08x}", opts.table, t.topic, crc32c::crc32c(desc.as_bytes()))
+            });
+            (Format::Topic, desc, id, 0, ranges)
+        }
+        None => {
+            let format = match opts.format {
+                Some(f) => f,
+                None => Format::detect(&opts.from).map_err(LoadError::Setup)?,
+            };
+            let meta = std::fs::metadata(&opts.from).map_err(|e| {
+                LoadError::Setup(format!("cannot read {}: {e}", opts.from.display()))
+            })?;
+            let abs = std::fs::canonicalize(&opts.from).unwrap_or_else(|_| opts.from.clone());
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            // The same file, unchanged, is the same load: a rerun resumes it. A file written
+            // again (new size or time) is a new load.
+            let desc = format!("{} ({} bytes, modified {mtime})", abs.display(), meta.len());
+            let id = opts.load_id.clone().unwrap_or_else(|| {
+                format!("{}:{:08x}", opts.table, crc32c::crc32c(desc.as_bytes()))
+            });
+            (format, desc, id, meta.len(), Vec::new())
+        }
     };
-    let meta = std::fs::metadata(&opts.from)
-        .map_err(|e| LoadError::Setup(format!("cannot read {}: {e}", opts.from.display())))?;
-    let abs = std::fs::canonicalize(&opts.from).unwrap_or_else(|_| opts.from.clone());
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs());
-    // The same file, unchanged, is the same load: a rerun resumes it. A file written again
-    // (new size or time) is a new load.
-    let source_desc = format!("{} ({} bytes, modified {mtime})", abs.display(), meta.len());
-    let load_id = opts.load_id.clone().unwrap_or_else(|| {
-        format!("{}:{:08x}", opts.table, crc32c::crc32c(source_desc.as_bytes()))
-    });
 
     // Create the table when asked and missing.
     let schema_file = opts.schema_file.as_deref().map(SchemaFile::read).transpose()?;
@@ -296,6 +341,10 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
         ),
         Format::Parquet => {
             Box::new(ParquetSource::open(&opts.from, &all_columns).map_err(LoadError::Setup)?)
+        }
+        Format::Topic => {
+            let t = opts.topic.as_ref().ok_or_else(|| LoadError::Setup("no topic".into()))?;
+            Box::new(TopicSource::open(Arc::clone(&t.log), &t.topic, ranges.clone(), &all_columns))
         }
     };
     // Columns by the input's names, or all of them in order.
@@ -429,6 +478,7 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
     };
     let plan = Arc::new(Plan {
         load_id: load_id.clone(),
+        topic: format == Format::Topic,
         columns,
         fields,
         input_fields,
@@ -525,7 +575,7 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
     let progress = opts.progress.then(|| {
         let (shared, done) = (Arc::clone(&shared), Arc::clone(&done));
         let resumed = resumed_rows;
-        let unit_rows = format == Format::Parquet;
+        let unit_rows = matches!(format, Format::Parquet | Format::Topic);
         std::thread::spawn(move || progress_loop(&shared, &done, started, resumed, unit_rows))
     });
 
@@ -583,16 +633,84 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
         rejected,
         chunks: shared.committed_chunks.load(Ordering::SeqCst),
         elapsed: started.elapsed(),
-        input_bytes: if format == Format::Parquet {
-            meta.len()
-        } else {
-            shared.input_done.load(Ordering::SeqCst)
+        input_bytes: match format {
+            Format::Csv | Format::Text => shared.input_done.load(Ordering::SeqCst),
+            _ => input_len,
         },
         parquet_files: shared.parquet_files.load(Ordering::SeqCst),
         parquet_bytes: shared.parquet_bytes.load(Ordering::SeqCst),
         already_done: false,
+        nothing_new: false,
         targets,
     })
+}
+
+/// Offsets `from..to` of one partition.
+type Range = (u32, u64, u64);
+
+/// The offset ranges a topic load reads: those of an unfinished load of the same topic into
+/// the same table (resumed), else from where the finished ones ended to the topic's end.
+/// `None` when there is nothing new; the text is the source's description (or why nothing).
+fn topic_ranges(
+    conn: &mut Connection,
+    table: &str,
+    t: &TopicInput,
+) -> Result<(String, Option<Vec<Range>>), LoadError> {
+    let prefix = format!("topic {} partitions ", t.topic);
+    let parse = |desc: &str| -> Vec<(u32, u64, u64)> {
+        desc.strip_prefix(&prefix)
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|r| {
+                let (p, range) = r.split_once(':')?;
+                let (a, b) = range.split_once('-')?;
+                Some((p.parse().ok()?, a.parse().ok()?, b.parse().ok()?))
+            })
+            .collect()
+    };
+    let rows = conn
+        .query_params(
+            "SELECT source, finished_at IS NOT NULL FROM polylog_loads \
+             WHERE target = $1 AND starts_with(source, $2) ORDER BY started_at",
+            &[table.as_bytes(), prefix.as_bytes()],
+        )
+        .map_err(pg)?;
+    if let Some(r) = rows.iter().find(|r| r[1].as_deref() == Some("f")) {
+        let desc = r[0].clone().unwrap_or_default();
+        let ranges = parse(&desc);
+        return Ok((desc, Some(ranges)));
+    }
+    let mut from: std::collections::BTreeMap<u32, u64> = Default::default();
+    for r in &rows {
+        for (p, _, end) in parse(r[0].as_deref().unwrap_or("")) {
+            let e = from.entry(p).or_default();
+            *e = (*e).max(end);
+        }
+    }
+    let d = t
+        .log
+        .describe_topic(&t.topic)
+        .map_err(|e| LoadError::Setup(format!("topic {}: {e}", t.topic)))?;
+    let ranges: Vec<(u32, u64, u64)> = d
+        .partitions
+        .iter()
+        .map(|p| {
+            (
+                p.partition,
+                from.get(&p.partition).copied().unwrap_or(0).max(p.start_offset),
+                p.durable_offset,
+            )
+        })
+        .filter(|r| r.2 > r.1)
+        .collect();
+    if ranges.is_empty() {
+        return Ok((
+            format!("nothing new in topic {} since the last load into {table}", t.topic),
+            None,
+        ));
+    }
+    let list: Vec<String> = ranges.iter().map(|(p, a, b)| format!("{p}:{a}-{b}")).collect();
+    Ok((format!("{prefix}{}", list.join(",")), Some(ranges)))
 }
 
 /// Reads every record, routes it and builds raw chunks per target, and hands them to the
@@ -680,7 +798,7 @@ fn read_all(
             return Ok(skipped); // the worker's error is reported
         }
         let got = source.next(&mut rec).map_err(|e| format!("input row {}: {e}", row + 1))?;
-        if row % 4096 == 0 {
+        if row.is_multiple_of(4096) {
             shared.input_done.store(source.progress().done, Ordering::Relaxed);
         }
         if !got {
@@ -689,7 +807,9 @@ fn read_all(
         row += 1;
         let mut bad = None;
         let mut target = 0;
-        if rec.fields.len() != fields_per_row {
+        if let Some(why) = rec.bad.take() {
+            bad = Some((String::new(), why));
+        } else if rec.fields.len() != fields_per_row {
             bad = Some((
                 String::new(),
                 format!("has {} fields where {fields_per_row} were expected", rec.fields.len()),
@@ -787,11 +907,16 @@ fn parse_chunk(
         match result {
             Ok(()) => chunk.rows.push(r.row),
             Err((column, why)) => {
+                let place = if plan.topic {
+                    format!("partition {}, offset {}", r.line >> 48, r.line & ((1 << 48) - 1))
+                } else {
+                    format!("line {}", r.line)
+                };
                 let message = if column.is_empty() {
-                    format!("row {} (line {}): the record {why}", r.row, r.line)
+                    format!("row {} ({place}): the record {why}", r.row)
                 } else {
                     let value = column_value(r, plan, &column);
-                    format!("row {} (line {}), column {column:?}: {value} {why}", r.row, r.line)
+                    format!("row {} ({place}), column {column:?}: {value} {why}", r.row)
                 };
                 if !rejecting {
                     return Err(message);

@@ -15,8 +15,12 @@ pub struct Record {
     pub data: Vec<u8>,
     /// `(start, end)` into `data`; `None` is NULL.
     pub fields: Vec<Option<(usize, usize)>>,
-    /// The line of the input where the record starts (1-based; for Parquet, the row number).
+    /// The line of the input where the record starts (1-based; for Parquet, the row number;
+    /// for a topic, [`TopicSource::place`]).
     pub line: u64,
+    /// Why the source already knows the record cannot load (a topic record with a key that is
+    /// not a column).
+    pub bad: Option<String>,
 }
 
 impl Record {
@@ -26,6 +30,7 @@ impl Record {
     fn clear(&mut self) {
         self.data.clear();
         self.fields.clear();
+        self.bad = None;
     }
 }
 
@@ -53,6 +58,8 @@ pub enum Format {
     /// Postgres' text format (`.tsv`, `.txt`, what `COPY TO` writes).
     Text,
     Parquet,
+    /// A topic's records (JSON objects, or change events' `after`).
+    Topic,
 }
 
 impl Format {
@@ -530,7 +537,150 @@ fn decimal_text(be: &[u8], scale: i32) -> String {
     }
 }
 
+/// Records of a topic, partition after partition, each over a fixed offset range (so that a
+/// resumed load reads the same records in the same order). A record's value is a JSON object
+/// whose keys are column names, or a change event whose `after` is one (deletes and
+/// tombstones are skipped). Missing keys are NULL.
+pub struct TopicSource {
+    log: std::sync::Arc<dyn polylog_log::Log>,
+    topic: String,
+    ranges: Vec<(u32, u64, u64)>,
+    at: usize,
+    reader: Option<Box<dyn polylog_log::LogReader>>,
+    pending: std::collections::VecDeque<polylog_log::StoredRecord>,
+    columns: Vec<String>,
+    done: u64,
+    total: u64,
+}
+
+impl TopicSource {
+    /// Reads `ranges` (`partition, from, to` offsets) of `topic`; fields are `columns`.
+    pub fn open(
+        log: std::sync::Arc<dyn polylog_log::Log>,
+        topic: &str,
+        ranges: Vec<(u32, u64, u64)>,
+        columns: &[Column],
+    ) -> TopicSource {
+        let total = ranges.iter().map(|r| r.2.saturating_sub(r.1)).sum();
+        TopicSource {
+            log,
+            topic: topic.to_string(),
+            ranges,
+            at: 0,
+            reader: None,
+            pending: Default::default(),
+            columns: columns.iter().map(|c| c.name.clone()).collect(),
+            done: 0,
+            total,
+        }
+    }
+
+    /// Encodes where a record is as one number, for messages: partition and offset.
+    pub fn place(partition: u32, offset: u64) -> u64 {
+        (partition as u64) << 48 | offset
+    }
+
+    fn next_record(&mut self) -> Result<Option<polylog_log::StoredRecord>, String> {
+        loop {
+            if let Some(r) = self.pending.pop_front() {
+                return Ok(Some(r));
+            }
+            let Some(&(p, from, to)) = self.ranges.get(self.at) else { return Ok(None) };
+            let reader = match &mut self.reader {
+                Some(r) => r,
+                None => {
+                    let r = self
+                        .log
+                        .reader(&self.topic, p, polylog_log::StartAt::Offset(from))
+                        .map_err(|e| format!("reading topic {} partition {p}: {e}", self.topic))?;
+                    self.reader.insert(r)
+                }
+            };
+            if reader.position() >= to {
+                self.reader = None;
+                self.at += 1;
+                continue;
+            }
+            let batch = reader
+                .poll(1000, std::time::Duration::from_secs(5))
+                .map_err(|e| format!("reading topic {} partition {p}: {e}", self.topic))?;
+            if batch.is_empty() {
+                return Err(format!(
+                    "topic {} partition {p} ends before offset {to}, which the load was begun with",
+                    self.topic
+                ));
+            }
+            self.pending.extend(batch.into_iter().filter(|r| r.offset < to));
+        }
+    }
+}
+
+impl Source for TopicSource {
+    fn next(&mut self, rec: &mut Record) -> Result<bool, String> {
+        loop {
+            rec.clear();
+            let Some(r) = self.next_record()? else { return Ok(false) };
+            self.done += 1;
+            rec.line = TopicSource::place(r.partition, r.offset);
+            let Some(value) = r.value else { continue }; // a tombstone
+            use serde_json::value::RawValue;
+            type Object<'a> = std::collections::BTreeMap<String, &'a RawValue>;
+            let where_ = || format!("partition {} offset {}", r.partition, r.offset);
+            rec.fields.resize(self.columns.len(), None);
+            let mut obj: Object<'_> = match serde_json::from_slice(&value) {
+                Ok(o) => o,
+                Err(e) => {
+                    rec.bad = Some(format!("is not a JSON object ({e})"));
+                    return Ok(true);
+                }
+            };
+            if obj.contains_key("op") && obj.contains_key("after") {
+                let after = obj.get("after").map_or("null", |a| a.get());
+                if after == "null" {
+                    continue; // a delete
+                }
+                obj = match serde_json::from_str(after) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        rec.bad = Some(format!("has an `after` that is not a JSON object ({e})"));
+                        return Ok(true);
+                    }
+                };
+            }
+            for (k, v) in obj {
+                let Some(i) = self.columns.iter().position(|c| *c == k) else {
+                    rec.bad = Some(format!("has {k:?}, which is not a column of the table"));
+                    return Ok(true);
+                };
+                let raw = v.get();
+                let start = rec.data.len();
+                if raw == "null" {
+                    continue;
+                } else if raw.starts_with('"') {
+                    // Numbers and the rest keep their exact text; strings are unescaped.
+                    let text: String =
+                        serde_json::from_str(raw).map_err(|e| format!("{}: {e}", where_()))?;
+                    rec.data.extend_from_slice(text.as_bytes());
+                } else {
+                    rec.data.extend_from_slice(raw.as_bytes());
+                }
+                rec.fields[i] = Some((start, rec.data.len()));
+            }
+            return Ok(true);
+        }
+    }
+
+    fn progress(&self) -> Progress {
+        Progress { done: self.done, total: self.total }
+    }
+
+    fn names(&self) -> Option<Vec<String>> {
+        Some(self.columns.clone())
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

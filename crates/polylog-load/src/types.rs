@@ -930,6 +930,7 @@ pub fn numeric_unscaled(text: &str) -> Option<i128> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -35,10 +35,10 @@ pub enum PgError {
         severity: String,
         code: String,
         message: String,
-        detail: Option<String>,
-        hint: Option<String>,
+        detail: Option<Box<str>>,
+        hint: Option<Box<str>>,
         /// Where it happened (`COPY t, line 3, column x: "..."`); not part of the message.
-        context: Option<String>,
+        context: Option<Box<str>>,
     },
     #[error("unexpected message from the server: {0}")]
     Protocol(String),
@@ -379,9 +379,9 @@ fn server_error(body: &[u8]) -> PgError {
             .unwrap_or_else(|| "ERROR".into()),
         code: fields.remove(&b'C').unwrap_or_default(),
         message: fields.remove(&b'M').unwrap_or_default(),
-        detail: fields.remove(&b'D'),
-        hint: fields.remove(&b'H'),
-        context: fields.remove(&b'W'),
+        detail: fields.remove(&b'D').map(String::into_boxed_str),
+        hint: fields.remove(&b'H').map(String::into_boxed_str),
+        context: fields.remove(&b'W').map(String::into_boxed_str),
     }
 }
 

@@ -4,14 +4,18 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::bail;
+use polylog_load::load::TopicInput;
 use polylog_load::source::{Format, Header};
 use polylog_load::{load, LoadOptions};
+
+use crate::config::Config;
 
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
     /// The input: a CSV file, a Postgres text-format file (.tsv: tab separated, \N for NULL,
-    /// what COPY TO writes) or a Parquet file.
-    #[arg(long, value_name = "FILE")]
+    /// what COPY TO writes), a Parquet file, or a topic of the data directory (JSON objects, or
+    /// change events' `after`; each run loads what the topic got since the last load).
+    #[arg(long, value_name = "FILE|TOPIC")]
     pub from: PathBuf,
     /// The input's format [default: from the file name].
     #[arg(long, value_parser = ["csv", "tsv", "text", "parquet"])]
@@ -56,8 +60,23 @@ pub struct LoadArgs {
     pub quiet: bool,
 }
 
-pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
+pub fn run(args: &LoadArgs, config: impl FnOnce() -> anyhow::Result<Config>) -> anyhow::Result<()> {
     let mut opts = LoadOptions::new(&args.from, &args.to_postgres, &args.table);
+    let name = args.from.to_string_lossy().to_string();
+    if !args.from.exists()
+        && args.format.is_none()
+        && polylog_log::validate_topic_name(&name).is_ok()
+    {
+        let config = config()?;
+        let log = crate::open_log_read_only(&config)?;
+        if !polylog_log::Log::topics(&log)?.contains(&name) {
+            bail!(
+                "{name} is neither a file nor a topic of the data directory {}",
+                config.data_dir.display()
+            );
+        }
+        opts.topic = Some(TopicInput { log: std::sync::Arc::new(log), topic: name });
+    }
     opts.format = match args.format.as_deref() {
         None => None,
         Some("csv") => Some(Format::Csv),
@@ -86,6 +105,9 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
     opts.progress = !args.quiet;
     if !args.quiet && !std::io::stderr().is_terminal() {
         eprintln!("polylog load: {} into {}", args.from.display(), args.table);
+    }
+    if opts.topic.is_none() && !args.from.exists() {
+        bail!("{}: no such file (nor a topic name)", args.from.display());
     }
     let summary = load(&opts)?;
     eprintln!("{summary}");

@@ -106,7 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run => run::run(&load()?),
         Command::Status(args) => run::status(&load()?, &args),
         Command::Replay(args) => run::replay(&load()?, &args),
-        Command::Load(args) => load::run(&args),
+        Command::Load(args) => load::run(&args, load),
         Command::Gen { command: gen::GenCommand::WideRows(args) } => gen::wide_rows(&args),
         Command::Gen { command } => {
             // The config only supplies the collector's address, so it is optional here.

@@ -1,6 +1,8 @@
 //! Bulk loads against a real Postgres: every value of a 120-column table round-trips into
 //! Postgres and Parquet unchanged; partitions; bad input; S3 through a real S3-compatible server.
 
+#![allow(clippy::unwrap_used)] // a test stops at its first failure
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -327,4 +329,55 @@ fn parquet_goes_to_an_s3_compatible_bucket() {
         total += r.metadata().file_metadata().num_rows();
     }
     assert_eq!(total, 1_000);
+}
+
+#[test]
+fn a_topic_loads_what_it_got_since_the_last_load() {
+    use polylog_log::{EmbeddedLog, Log, LogOptions, Record, TopicConfig};
+    use std::sync::Arc;
+    let pg = PgCluster::start().unwrap();
+    let dir = TempDir::new("load-topic");
+    let log = Arc::new(EmbeddedLog::open(dir.path().join("log"), LogOptions::default()).unwrap());
+    log.create_topic("sums", &TopicConfig::new(2)).unwrap();
+    let put = |p: u32, values: &[&str]| {
+        let recs: Vec<Record> =
+            values.iter().map(|v| Record::new("k", v.as_bytes().to_vec())).collect();
+        let a = log.append("sums", p, &recs).unwrap();
+        log.wait_durable("sums", p, a.last_offset + 1, std::time::Duration::from_secs(10)).unwrap();
+    };
+    put(
+        0,
+        &[
+            r#"{"id": 1, "amount": 12345678901234567890.123456789, "note": "tab\there"}"#,
+            r#"{"before": null, "after": {"id": 2, "amount": "7.5", "note": null}, "op": "c"}"#,
+            r#"{"before": {"id": 2}, "after": null, "op": "d"}"#,
+        ],
+    );
+    put(1, &[r#"{"id": 3, "amount": 1e2, "tags": {"a": [1, 2]}}"#]);
+    pg.psql("postgres", "CREATE TABLE sums (id int, amount numeric, note text, tags jsonb)")
+        .unwrap();
+    let mut opts = LoadOptions::new("sums", &pg.url("postgres"), "sums");
+    opts.topic = Some(polylog_load::load::TopicInput { log: log.clone(), topic: "sums".into() });
+    let s = load(&opts).unwrap();
+    assert_eq!(s.rows, 3, "{s}");
+    assert_eq!(
+        pg.psql("postgres", "SELECT id, amount, note, tags FROM sums ORDER BY id").unwrap(),
+        "1|12345678901234567890.123456789|tab\there|\n2|7.5||\n3|100||{\"a\": [1, 2]}"
+    );
+    // Only what came since is loaded next time; then nothing.
+    put(1, &[r#"{"id": 4}"#]);
+    let s = load(&opts).unwrap();
+    assert_eq!(s.rows, 1, "{s}");
+    let s = load(&opts).unwrap();
+    assert!(s.nothing_new, "{s}");
+    assert_eq!(count(&pg, "SELECT count(*) FROM sums"), 4);
+    // A record the table cannot hold is named by partition and offset.
+    put(0, &[r#"{"id": 5, "colour": "red"}"#]);
+    let err = load(&opts).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "row 1 (partition 0, offset 3): the record has \"colour\", which is not a column"
+        ),
+        "{err}"
+    );
 }

@@ -1,6 +1,8 @@
 //! `polylog load` killed with SIGKILL again and again, then run to its end: every row is in
 //! Postgres and in the Parquet files exactly once.
 
+#![allow(clippy::unwrap_used)] // a test stops at its first failure
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
