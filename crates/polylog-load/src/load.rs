@@ -471,7 +471,7 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
         Some(spec) => {
             let out = Output::open(spec).map_err(LoadError::Setup)?;
             let schema = parquet_schema(&columns).map_err(LoadError::Setup)?;
-            let base = opts.table.rsplit('.').next().unwrap_or(&opts.table).to_string();
+            let base = load_id.clone();
             Some((out, schema, base))
         }
         None => None,
@@ -528,11 +528,19 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
                     if shared.failed.load(Ordering::SeqCst) {
                         continue; // drain: the reader stops soon
                     }
-                    let done =
+                    // A panic (a bug) must stop the load, not leave it waiting or "finished".
+                    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         parse_chunk(&plan, &job.raw, rejects.is_some()).and_then(|(chunk, bad)| {
                             commit_chunk(&mut conn, &plan, &job, &chunk, &bad, rejects.as_deref())
                                 .map(|pq| (chunk.len() as u64, bad.len() as u64, pq))
-                        });
+                        })
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "internal error loading chunk {} (a bug; please report it)",
+                            job.raw.no
+                        ))
+                    });
                     match done {
                         Ok((n, bad, parquet_bytes)) => {
                             shared.parquet_bytes.fetch_add(parquet_bytes, Ordering::Relaxed);
@@ -591,7 +599,9 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
     );
     drop(senders);
     for h in handles {
-        let _ = h.join();
+        if h.join().is_err() {
+            shared.fail("a load worker stopped unexpectedly (a bug; please report it)".into());
+        }
     }
     done.store(true, Ordering::SeqCst);
     if let Some(p) = progress {
@@ -604,16 +614,17 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
             "{why}\n{} rows are committed (load {load_id:?}); nothing of the failed chunk is. Run the \
              same command again to go on from there{}",
             group(all_committed),
-            if opts.rejects.is_none() { ", or add --rejects FILE to set bad rows aside" } else { "" }
+            if opts.rejects.is_none() { ", or add --rejects FILE to set aside rows whose values do not parse" } else { "" }
         ))
     };
+    // A worker's error is the cause when there is one (the reader then only saw it stop).
+    if let Some(e) = shared.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(stopped(e));
+    }
     if let Err(e) = read {
         return Err(stopped(e));
     }
     let rejected = shared.rejected.load(Ordering::SeqCst);
-    if let Some(e) = shared.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(stopped(e));
-    }
     conn.query_params(
         "UPDATE polylog_loads SET finished_at = now(), rows = $2, rejected = $3 WHERE load_id = $1",
         &[
@@ -844,9 +855,12 @@ fn read_all(
             // Too many rows waiting across partitions: send the largest.
             open.iter()
                 .enumerate()
-                .filter_map(|(i, c)| c.as_ref().map(|c| (c.len(), i)))
+                .filter_map(|(i, c)| {
+                    c.as_ref()
+                        .map(|c| (c.len(), std::cmp::Reverse(c.rows.first().map_or(0, |r| r.0)), i))
+                })
                 .max()
-                .map(|x| x.1)
+                .map(|x| x.2)
         } else {
             None
         };
@@ -872,6 +886,16 @@ fn read_all(
         dispatch(c, t, shared)?;
     }
     Ok(skipped)
+}
+
+/// The Parquet file of a chunk: named by the load (several loads can share a directory) and
+/// the chunk (a chunk loaded again replaces its file).
+pub fn parquet_name(load_id: &str, chunk: u64) -> String {
+    let id: String = load_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+        .collect();
+    format!("{id}-{chunk:06}.parquet")
 }
 
 /// A bad row: where it is, and why.
@@ -1049,7 +1073,7 @@ fn commit_chunk(
             (Some((out, schema, base)), false) => {
                 let bytes = parquet_file(chunk, &plan.columns, schema)?;
                 let n = bytes.len() as u64;
-                out.put(&format!("{base}-{:06}.parquet", chunk.no), bytes)?;
+                out.put(&parquet_name(base, chunk.no), bytes)?;
                 Ok(n)
             }
             _ => Ok(0),

@@ -155,18 +155,13 @@ impl Delimited {
 
 impl Source for Delimited {
     fn next(&mut self, rec: &mut Record) -> Result<bool, String> {
-        loop {
-            rec.clear();
-            rec.line = self.line;
-            let got = if self.csv { self.next_csv(rec)? } else { self.next_text(rec)? };
-            if !got {
-                return Ok(false);
-            }
-            // A blank line is skipped (Postgres would read it as one NULL field).
-            if rec.fields.len() == 1 && rec.fields[0].is_some_and(|(s, e)| s == e) {
-                continue;
-            }
-            return Ok(true);
+        rec.clear();
+        rec.line = self.line;
+        // As in Postgres, a blank line is a record of one empty field.
+        if self.csv {
+            self.next_csv(rec)
+        } else {
+            self.next_text(rec)
         }
     }
 
@@ -276,10 +271,7 @@ impl Delimited {
 
     /// One record of Postgres' text format.
     fn next_text(&mut self, rec: &mut Record) -> Result<bool, String> {
-        let mut start = 0;
-        let mut raw_null = false; // the field so far is exactly `\N`
-        let mut raw_len = 0usize; // raw bytes of the current field
-        let mut esc: Option<(u8, u32, u32)> = None; // pending escape: kind, value, digits
+        let mut f = TextField::default();
         let mut any = false;
         loop {
             let buf = self.r.fill_buf().map_err(|e| format!("reading the input: {e}"))?;
@@ -287,10 +279,7 @@ impl Delimited {
                 if !any {
                     return Ok(false);
                 }
-                if let Some(e) = esc.take() {
-                    finish_escape(rec, e);
-                }
-                push_text_field(rec, start, raw_null && raw_len == 2);
+                f.end(rec, &self.null);
                 return Ok(true);
             }
             let n = buf.len();
@@ -299,64 +288,66 @@ impl Delimited {
             while i < n {
                 let c = buf[i];
                 any = true;
-                if let Some((kind, val, count)) = esc {
-                    raw_len += 1;
+                if let Some((kind, val, count)) = f.esc {
+                    f.raw_len += 1;
                     match kind {
                         b'\\' => {
-                            esc = None;
+                            f.esc = None;
+                            f.escaped = true;
                             match c {
-                                b'N' if raw_len == 2 => raw_null = true,
+                                b'N' if f.raw_len == 2 => f.backslash_n = true,
                                 b'b' => rec.data.push(8),
                                 b'f' => rec.data.push(12),
                                 b'n' => rec.data.push(b'\n'),
                                 b'r' => rec.data.push(b'\r'),
                                 b't' => rec.data.push(b'\t'),
                                 b'v' => rec.data.push(11),
-                                b'0'..=b'7' => esc = Some((b'o', (c - b'0') as u32, 1)),
-                                b'x' => esc = Some((b'x', 0, 0)),
+                                b'0'..=b'7' => f.esc = Some((b'o', (c - b'0') as u32, 1)),
+                                b'x' => f.esc = Some((b'x', 0, 0)),
                                 _ => rec.data.push(c),
                             }
+                            f.literal_cr = None;
                             i += 1;
                             continue;
                         }
                         b'o' if (b'0'..=b'7').contains(&c) && count < 3 => {
-                            esc = Some((b'o', val * 8 + (c - b'0') as u32, count + 1));
+                            f.esc = Some((b'o', val * 8 + (c - b'0') as u32, count + 1));
                             i += 1;
                             continue;
                         }
                         b'x' if c.is_ascii_hexdigit() && count < 2 => {
                             let d = (c as char).to_digit(16).unwrap_or(0);
-                            esc = Some((b'x', val * 16 + d, count + 1));
+                            f.esc = Some((b'x', val * 16 + d, count + 1));
                             i += 1;
                             continue;
                         }
                         _ => {
-                            raw_len -= 1;
+                            f.raw_len -= 1;
                             finish_escape(rec, (kind, val, count));
-                            esc = None;
+                            f.esc = None;
                         }
                     }
                 }
                 match c {
                     b'\\' => {
-                        esc = Some((b'\\', 0, 0));
-                        raw_len += 1;
+                        f.esc = Some((b'\\', 0, 0));
+                        f.raw_len += 1;
                     }
                     b'\n' => {
                         self.line += 1;
-                        if rec.data.last() == Some(&b'\r') && rec.data.len() > start {
+                        // A CR written as such before the newline ends the line (CRLF files).
+                        if f.literal_cr.is_some_and(|at| at + 1 == rec.data.len()) {
                             rec.data.pop();
+                            f.raw_len -= 1;
                         }
-                        push_text_field(rec, start, raw_null && raw_len == 2);
+                        f.end(rec, &self.null);
                         i += 1;
                         ended = true;
                         break;
                     }
                     _ if c == self.delim => {
-                        push_text_field(rec, start, raw_null && raw_len == 2);
-                        start = rec.data.len();
-                        raw_null = false;
-                        raw_len = 0;
+                        f.end(rec, &self.null);
+                        f = TextField { start: rec.data.len(), ..TextField::default() };
                     }
                     _ => {
                         let delim = self.delim;
@@ -364,7 +355,10 @@ impl Delimited {
                             buf[i..].iter().position(|&b| b == delim || b == b'\n' || b == b'\\');
                         let end = run.map_or(n, |r| i + r);
                         rec.data.extend_from_slice(&buf[i..end]);
-                        raw_len += end - i;
+                        if buf[end - 1] == b'\r' {
+                            f.literal_cr = Some(rec.data.len() - 1);
+                        }
+                        f.raw_len += end - i;
                         i = end;
                         continue;
                     }
@@ -380,6 +374,39 @@ impl Delimited {
     }
 }
 
+/// The field of Postgres' text format being read.
+#[derive(Default)]
+struct TextField {
+    start: usize,
+    /// Raw bytes of the field so far.
+    raw_len: usize,
+    /// The field began with `\N`.
+    backslash_n: bool,
+    /// It held a backslash escape (so it is not the NULL string as written).
+    escaped: bool,
+    /// A pending escape: kind, value, digits.
+    esc: Option<(u8, u32, u32)>,
+    /// Where a CR that was not escaped sits in the data.
+    literal_cr: Option<usize>,
+}
+
+impl TextField {
+    fn end(&mut self, rec: &mut Record, null: &[u8]) {
+        if let Some(e) = self.esc.take() {
+            finish_escape(rec, e);
+        }
+        let is_null = if null == b"\\N" {
+            self.backslash_n && self.raw_len == 2
+        } else {
+            !self.escaped && rec.data[self.start..] == *null
+        };
+        if self.backslash_n && !is_null {
+            rec.data.insert(self.start, b'N'); // `\Nabc` is `Nabc`
+        }
+        rec.fields.push(if is_null { None } else { Some((self.start, rec.data.len())) });
+    }
+}
+
 fn end_field(rec: &mut Record, start: usize, quoted: bool, null: &[u8]) {
     let is_null = !quoted && rec.data[start..] == *null;
     rec.fields.push(if is_null { None } else { Some((start, rec.data.len())) });
@@ -392,10 +419,6 @@ fn finish_escape(rec: &mut Record, (kind, val, count): (u8, u32, u32)) {
         b'x' => rec.data.push(b'x'),
         _ => {}
     }
-}
-
-fn push_text_field(rec: &mut Record, start: usize, null: bool) {
-    rec.fields.push(if null { None } else { Some((start, rec.data.len())) });
 }
 
 /// A Parquet file, row by row; each value becomes the text form of its target column.
@@ -516,6 +539,9 @@ fn epoch_text(us: i64, ty: &Option<ColType>) -> String {
 
 /// A big-endian two's complement unscaled integer with a scale, as decimal text.
 fn decimal_text(be: &[u8], scale: i32) -> String {
+    if be.len() > 16 {
+        return "(a decimal wider than 38 digits)".into(); // refused as not a number
+    }
     let mut v: i128 = if be.first().is_some_and(|b| b & 0x80 != 0) { -1 } else { 0 };
     for b in be {
         v = (v << 8) | *b as i128;
@@ -721,6 +747,12 @@ mod tests {
         let s = |x: &str| Some(x.to_string());
         assert_eq!(rows[0], vec![s("a\tb"), None, s("\\N"), s("AA\n")]);
         assert_eq!(rows[1], vec![s("last")]);
+        // CRLF line ends; an escaped CR stays; `\N` at the end is NULL; `\Nabc` is `Nabc`;
+        // a blank line is one empty field, as in Postgres.
+        let rows = read_all("abc\\r\t\\N\r\n\\Nabc\tx\r\n\n", false);
+        assert_eq!(rows[0], vec![s("abc\r"), None]);
+        assert_eq!(rows[1], vec![s("Nabc"), s("x")]);
+        assert_eq!(rows[2], vec![s("")]);
     }
 
     #[test]

@@ -55,12 +55,24 @@ impl ColType {
             "int8" => ColType::Int8,
             "float4" => ColType::Float4,
             "float8" => ColType::Float8,
-            "numeric" => ColType::Numeric(
-                tm.map(|t| (((t - 4) >> 16) as u32 & 0xffff, ((t - 4) & 0xffff) as u32)),
-            ),
+            "numeric" => match tm {
+                None => ColType::Numeric(None),
+                Some(t) => {
+                    let p = ((t - 4) >> 16) & 0xffff;
+                    // The scale is 11 bits, signed (Postgres 15 allows negative scales).
+                    let s = (((t - 4) & 0x7ff) << 21) >> 21;
+                    if s < 0 || s > p {
+                        return None; // numeric(5,-2), numeric(3,5): not carried yet
+                    }
+                    ColType::Numeric(Some((p as u32, s as u32)))
+                }
+            },
             "text" | "name" => ColType::Text(None),
             "varchar" => ColType::Text(tm.map(|t| (t - 4) as u32)),
-            "bpchar" => ColType::Char(tm.map(|t| (t - 4) as u32).unwrap_or(1)),
+            "bpchar" => match tm {
+                Some(t) => ColType::Char((t - 4) as u32),
+                None => ColType::Text(None), // bpchar without a length: no padding, no limit
+            },
             "date" => ColType::Date,
             "time" => ColType::Time(tm.and_then(precision)),
             "timestamp" => ColType::Timestamp(tm.and_then(precision)),
@@ -308,13 +320,29 @@ fn parse_int(text: &[u8], ty: &str) -> Result<i64, FieldError> {
 fn parse_float(s: &str) -> Result<f64, FieldError> {
     let s = s.trim();
     let v: f64 = s.parse().map_err(|_| "is not a number".to_string())?;
+    check_float_range(s, v.is_infinite(), v == 0.0, "double precision")?;
     Ok(v)
+}
+
+/// Postgres refuses what overflows to infinity or underflows to zero, unlike Rust's parser.
+fn check_float_range(s: &str, infinite: bool, zero: bool, ty: &str) -> Result<(), FieldError> {
+    let spelled_inf = s.bytes().any(|c| c.eq_ignore_ascii_case(&b'i'));
+    if infinite && !spelled_inf {
+        return Err(format!("is out of range for type {ty}"));
+    }
+    let mantissa = s.split(['e', 'E']).next().unwrap_or("");
+    if zero && mantissa.bytes().any(|c| (b'1'..=b'9').contains(&c)) {
+        return Err(format!("is out of range for type {ty}"));
+    }
+    Ok(())
 }
 
 /// A float4 parsed straight to `f32` (correctly rounded, as Postgres' `strtof`).
 pub fn parse_f32(s: &str) -> Result<f32, FieldError> {
     let s = s.trim();
-    s.parse::<f32>().map_err(|_| "is not a number".to_string())
+    let v = s.parse::<f32>().map_err(|_| "is not a number".to_string())?;
+    check_float_range(s, v.is_infinite(), v == 0.0, "real")?;
+    Ok(v)
 }
 
 fn parse_uuid(text: &[u8]) -> Result<[u8; 16], FieldError> {
@@ -544,6 +572,10 @@ pub fn parse_numeric_into(
     if shift > 0 {
         digits.extend(std::iter::repeat_n(0, shift as usize));
     }
+    // At least one digit before the point (5e-4: digits 5, scale 4 becomes 00005).
+    while (digits.len() as i64) < scale + 1 {
+        digits.insert(0, 0);
+    }
     if let Some((p, target)) = typmod {
         let target = target as i64;
         if scale > target {
@@ -660,6 +692,9 @@ fn parse_ymd(s: &str) -> Result<(i64, &str), FieldError> {
         let n =
             |r: std::ops::Range<usize>| b[r].iter().fold(0u32, |a, &c| a * 10 + (c - b'0') as u32);
         let (y, m, d) = (n(0..4) as i64, n(5..7), n(8..10));
+        if y == 0 {
+            return Err("is not a valid date (there is no year 0)".into());
+        }
         if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
             return Err("is not a valid date".into());
         }
@@ -682,6 +717,9 @@ fn parse_ymd(s: &str) -> Result<(i64, &str), FieldError> {
     );
     if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
         return Err("is not a valid date".into());
+    }
+    if y == 0 {
+        return Err("is not a valid date (there is no year 0)".into());
     }
     if y > 294_276 {
         return Err("is out of range for dates and timestamps".into());
@@ -950,6 +988,16 @@ mod tests {
         assert!(parse_numeric("1x", None).is_err());
         assert!(parse_numeric("", None).is_err());
         assert_eq!(p("nan", Some((5, 2))), "NaN");
+        assert_eq!(p("5e-4", Some((10, 2))), "0.00");
+        assert_eq!(p("5e-3", Some((10, 2))), "0.01");
+        assert_eq!(p("1e-05", None), "0.00001");
+        assert!(parse_float("1e400").is_err() && parse_float("1e-400").is_err());
+        assert!(
+            parse_float("-Infinity").unwrap().is_infinite() && parse_float("0e5").unwrap() == 0.0
+        );
+        assert!(parse_f32("1e39").is_err());
+        assert!(ColType::from_catalog("numeric", ((5 << 16) | 0x7fe) + 4, false).is_none());
+        assert_eq!(ColType::from_catalog("bpchar", -1, false), Some(ColType::Text(None)));
     }
 
     #[test]
@@ -957,6 +1005,7 @@ mod tests {
         assert_eq!(parse_date("2000-01-01").unwrap(), 0);
         assert_eq!(parse_date("1999-12-31").unwrap(), -1);
         assert!(parse_date("2023-02-29").is_err());
+        assert!(parse_date("0000-01-01").is_err());
         let ts = parse_timestamp("2000-01-02 00:00:01.5", None, false).unwrap();
         assert_eq!(ts, USECS_PER_DAY + 1_500_000);
         let tz = parse_timestamp("2000-01-02T02:00:01.5+02:00", None, true).unwrap();

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use polylog_load::gen::{schema_toml, wide_columns, WideRows};
+use polylog_load::load::parquet_name;
 use polylog_load::source::Header;
 use polylog_load::{load, LoadError, LoadOptions};
 use polylog_testkit::{free_port, PgCluster, TempDir};
@@ -113,12 +114,12 @@ fn parquet_values_have_their_logical_types() {
     let mut opts = LoadOptions::new(&csv, &pg.url("postgres"), "t");
     opts.parquet = Some(dir.path().join("pq").display().to_string());
     opts.header = Header::No;
-    load(&opts).unwrap();
+    let s = load(&opts).unwrap();
     assert_eq!(
         pg.psql("postgres", "SET TimeZone = 'UTC'; SELECT * FROM t ORDER BY id").unwrap(),
         "1|2024-02-29|2024-02-29 11:00:00.5+00|12.35|-1.5000|a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11|\\x00ff|a\"b\n2|||||||"
     );
-    let f = std::fs::File::open(dir.path().join("pq/t-000000.parquet")).unwrap();
+    let f = std::fs::File::open(dir.path().join("pq").join(parquet_name(&s.load_id, 0))).unwrap();
     let r = SerializedFileReader::new(f).unwrap();
     let rows: Vec<String> = r.into_iter().map(|row| row.unwrap().to_string()).collect();
     assert_eq!(rows.len(), 2);
@@ -320,7 +321,8 @@ fn parquet_goes_to_an_s3_compatible_bucket() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut total = 0;
     for i in 0..3 {
-        let path = object_store::path::Path::from(format!("daily/2026/s3rows-{i:06}.parquet"));
+        let path =
+            object_store::path::Path::from(format!("daily/2026/{}", parquet_name(&s.load_id, i)));
         let body = rt.block_on(async { store.get(&path).await.unwrap().bytes().await.unwrap() });
         let local = dir.path().join(format!("{i}.parquet"));
         std::fs::write(&local, &body).unwrap();
