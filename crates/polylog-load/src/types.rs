@@ -636,28 +636,17 @@ pub fn parse_numeric_into(
     Ok(())
 }
 
+/// Days from 1970-01-01 to 2000-01-01, Postgres' epoch.
+const PG_EPOCH_DAYS: i64 = 10_957;
+
 /// Days since 2000-01-01 of a civil date.
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468 - 10_957
+    polylog_postgres::calendar::days_from_civil(y, m, d) - PG_EPOCH_DAYS
 }
 
 /// The civil date of a day count since 2000-01-01.
 pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 10_957 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    polylog_postgres::calendar::civil_from_days(days + PG_EPOCH_DAYS)
 }
 
 const DATE_INFINITY: i32 = i32::MAX;

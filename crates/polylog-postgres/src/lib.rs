@@ -2,6 +2,7 @@
 //! logical replication), the pgoutput decoder, the type mapping to JSON, and the source that
 //! turns committed row changes into Debezium-compatible change events in topics.
 
+pub mod calendar;
 pub mod config;
 pub mod error;
 pub mod event;

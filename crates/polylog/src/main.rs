@@ -53,8 +53,8 @@ enum Command {
         #[command(subcommand)]
         command: gen::GenCommand,
     },
-    /// Bulk-load a CSV, text or Parquet file into a Postgres table (binary COPY, parallel,
-    /// partition-aware) and Parquet files at once; resumable.
+    /// Bulk-load a CSV, text or Parquet file, or a topic, into a Postgres table (binary COPY,
+    /// parallel, partition-aware) and Parquet files at once; resumable.
     Load(load::LoadArgs),
     /// Work with the config file.
     Config {
