@@ -123,15 +123,16 @@ impl std::fmt::Display for Summary {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         write!(
             f,
-            "loaded {} rows in {:.1} s ({:.0} rows/s, {:.1} MB/s of input) in {} chunks",
-            group(self.rows),
+            "loaded {} in {:.1} s ({:.0} rows/s, {:.1} MB/s of input) in {} chunk{}",
+            rows(self.rows),
             secs,
             self.rows as f64 / secs,
             self.input_bytes as f64 / secs / 1e6,
-            self.chunks
+            self.chunks,
+            if self.chunks == 1 { "" } else { "s" }
         )?;
         if self.resumed_rows > 0 {
-            write!(f, "; {} rows were already in from an earlier run", group(self.resumed_rows))?;
+            write!(f, "; {} were already in from an earlier run", rows(self.resumed_rows))?;
         }
         if self.parquet_files > 0 {
             write!(
@@ -142,13 +143,18 @@ impl std::fmt::Display for Summary {
             )?;
         }
         if self.rejected > 0 {
-            write!(f, "; {} rows rejected", group(self.rejected))?;
+            write!(f, "; {} rejected", rows(self.rejected))?;
         }
         for (t, n) in &self.targets {
-            write!(f, "\n  {t}: {} rows", group(*n))?;
+            write!(f, "\n  {}: {}", t.replace('"', ""), rows(*n))?;
         }
         Ok(())
     }
+}
+
+/// "1 row", "1,234 rows".
+fn rows(n: u64) -> String {
+    format!("{} row{}", group(n), if n == 1 { "" } else { "s" })
 }
 
 /// 1234567 as 1,234,567.
@@ -204,6 +210,8 @@ struct Shared {
     parquet_files: AtomicU64,
     parquet_bytes: AtomicU64,
     input_done: AtomicU64,
+    /// Records read so far.
+    input_rows: AtomicU64,
     input_total: AtomicU64,
     per_target: Mutex<HashMap<String, u64>>,
     rejected: AtomicU64,
@@ -811,6 +819,7 @@ fn read_all(
         let got = source.next(&mut rec).map_err(|e| format!("input row {}: {e}", row + 1))?;
         if row.is_multiple_of(4096) {
             shared.input_done.store(source.progress().done, Ordering::Relaxed);
+            shared.input_rows.store(row, Ordering::Relaxed);
         }
         if !got {
             break;
@@ -876,6 +885,7 @@ fn read_all(
         }
     }
     shared.input_done.store(source.progress().done, Ordering::Relaxed);
+    shared.input_rows.store(row, Ordering::Relaxed);
     // The rest, oldest first row first.
     let mut rest: Vec<RawChunk> = open.into_iter().flatten().filter(|c| !c.is_empty()).collect();
     rest.sort_by_key(|c| c.rows.first().map_or(0, |r| r.0));
@@ -1145,8 +1155,23 @@ fn progress_loop(
         let rate = rows as f64 / secs.max(1e-9);
         let (d, t) =
             (shared.input_done.load(Ordering::Relaxed), shared.input_total.load(Ordering::Relaxed));
-        let frac = if t > 0 { (d as f64 / t as f64).min(1.0) } else { 0.0 };
-        let eta = if frac > 0.01 { secs / frac * (1.0 - frac) } else { f64::NAN };
+        // Rows in so far against the rows the input holds (estimated from what was read: the
+        // reader runs ahead of the commits).
+        let read = shared.input_rows.load(Ordering::Relaxed);
+        let total_rows = if unit_rows {
+            t as f64
+        } else if d > 0 {
+            read as f64 * t as f64 / d as f64
+        } else {
+            0.0
+        };
+        let processed = (rows + resumed + shared.rejected.load(Ordering::Relaxed)) as f64;
+        let frac = if total_rows > 0.0 { (processed / total_rows).min(1.0) } else { 0.0 };
+        let eta = if rate > 0.0 && total_rows > 0.0 {
+            (total_rows - processed).max(0.0) / rate
+        } else {
+            f64::NAN
+        };
         let width = 30;
         let filled = (frac * width as f64) as usize;
         let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
@@ -1156,9 +1181,9 @@ fn progress_loop(
             "?".into()
         };
         let of = if unit_rows {
-            format!("{}/{} input rows", group(d), group(t))
+            format!("{}/{} records read", group(d), group(t))
         } else {
-            format!("{:.0}/{:.0} MB", d as f64 / 1e6, t as f64 / 1e6)
+            format!("{:.0}/{:.0} MB read", d as f64 / 1e6, t as f64 / 1e6)
         };
         let line = format!(
             "[{bar}] {:>3.0}%  {} rows in{}  {:.0} rows/s  ETA {eta}  ({of})",
