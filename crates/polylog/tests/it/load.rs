@@ -78,7 +78,8 @@ fn a_load_killed_9_times_resumes_with_no_duplicate_and_no_gap() {
             assert!(Instant::now() < deadline, "the load made no progress");
             std::thread::sleep(Duration::from_millis(5));
         }
-        if child.try_wait().unwrap().is_some() {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "the load failed: {status}");
             break; // finished before we could kill it again
         }
         child.kill().unwrap(); // SIGKILL
