@@ -68,6 +68,10 @@ pub enum LogError {
 
     #[error("the log is open read-only (another polylog process owns the data directory)")]
     ReadOnly,
+
+    /// A backend other than the embedded log (Kafka) failed; the message names it.
+    #[error("{0}")]
+    Backend(String),
 }
 
 fn hint(e: &io::Error) -> &'static str {
