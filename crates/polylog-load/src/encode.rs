@@ -18,33 +18,16 @@ use crate::types::{encode_numeric, numeric_unscaled, ColType, Column, ColumnData
 pub struct Chunk {
     /// Numbered in input order; the unit of commit and of resume.
     pub no: u64,
-    /// Index of the table or partition the rows go to.
-    pub target: usize,
     /// The input row number of each row (1-based), for messages.
     pub rows: Vec<u64>,
     pub cols: Vec<ColumnData>,
 }
 
 impl Chunk {
-    pub fn new(no: u64, target: usize, columns: &[Column]) -> Chunk {
-        Chunk {
-            no,
-            target,
-            rows: Vec::new(),
-            cols: columns.iter().map(|c| ColumnData::new(&c.ty)).collect(),
-        }
-    }
-
-    /// A chunk (numbered later) with room for as many rows and bytes as `hint` (the last one).
-    pub fn with_capacity(target: usize, columns: &[Column], hint: &(usize, Vec<usize>)) -> Chunk {
-        let cols = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                ColumnData::with_capacity(&c.ty, hint.0, hint.1.get(i).copied().unwrap_or(0))
-            })
-            .collect();
-        Chunk { no: u64::MAX, target, rows: Vec::with_capacity(hint.0), cols }
+    /// Chunk `no`, with room for `rows` rows.
+    pub fn with_capacity(no: u64, columns: &[Column], rows: usize) -> Chunk {
+        let cols = columns.iter().map(|c| ColumnData::with_capacity(&c.ty, rows)).collect();
+        Chunk { no, rows: Vec::with_capacity(rows), cols }
     }
 
     pub fn len(&self) -> usize {

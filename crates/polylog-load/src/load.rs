@@ -248,7 +248,8 @@ struct Plan {
     /// For each loaded column, the input field it comes from.
     fields: Vec<usize>,
     input_fields: Option<usize>,
-    targets: Vec<Target>,
+    /// The table itself (the target of every row when rows are not routed to partitions).
+    table: Target,
     parquet: Option<(Output, Arc<parquet::schema::types::Type>, String)>,
     copy_cols: String,
 }
@@ -472,9 +473,6 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
     if router.is_some() {
         freeze_first = false; // the parent holds no rows; its partitions get FREEZE instead
     }
-    let targets = router
-        .as_ref()
-        .map_or_else(|| vec![Target { sql: qt.clone(), create: None }], |r| r.targets.clone());
     let parquet = match &opts.parquet {
         Some(spec) => {
             let out = Output::open(spec).map_err(LoadError::Setup)?;
@@ -490,7 +488,7 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
         columns,
         fields,
         input_fields,
-        targets,
+        table: Target { sql: qt.clone(), create: None },
         parquet,
         copy_cols,
     });
@@ -510,7 +508,7 @@ pub fn load(opts: &LoadOptions) -> Result<Summary, LoadError> {
     // Bad rows go to the rejects file (appended to when resuming) before their chunk commits.
     let rejects = match &opts.rejects {
         Some(p) => Some(Arc::new(Mutex::new(
-            Rejects::create(p, source_is_csv(opts), !committed.is_empty())
+            Rejects::create(p, format != Format::Text, !committed.is_empty())
                 .map_err(LoadError::Setup)?,
         ))),
         None => None,
@@ -733,7 +731,7 @@ fn topic_ranges(
 }
 
 /// Reads every record, routes it and builds raw chunks per target, and hands them to the
-/// workers. Returns the rows skipped as already committed.
+/// workers.
 #[allow(clippy::too_many_arguments)]
 fn read_all(
     source: &mut dyn Source,
@@ -744,7 +742,7 @@ fn read_all(
     freeze_first: bool,
     senders: &[SyncSender<Job>],
     shared: &Shared,
-) -> Result<u64, String> {
+) -> Result<(), String> {
     let cols = &plan.columns;
     let fields_per_row = plan.input_fields.unwrap_or(cols.len());
     let mut open: Vec<Option<RawChunk>> = Vec::new(); // per target
@@ -753,7 +751,6 @@ fn read_all(
     let mut rr = 0usize;
     let mut rec = Record::default();
     let mut row = 0u64;
-    let mut skipped = 0u64;
     // Routing parses the partition key here; the rest of the row is parsed by a worker.
     let key = router.as_ref().map(|r| r.key());
     let mut key_col = ColumnData::new(key.map_or(&ColType::Bool, |k| &cols[k].ty));
@@ -770,7 +767,6 @@ fn read_all(
                     chunk.rows.first().map_or(0, |r| r.0)
                 ));
             }
-            skipped += rows;
             return Ok(());
         }
         // The first chunk of a partition this load creates carries the CREATE; the next ones
@@ -814,7 +810,7 @@ fn read_all(
     };
     loop {
         if shared.failed.load(Ordering::Relaxed) {
-            return Ok(skipped); // the worker's error is reported
+            return Ok(()); // the worker's error is reported
         }
         let got = source.next(&mut rec).map_err(|e| format!("input row {}: {e}", row + 1))?;
         if row.is_multiple_of(4096) {
@@ -895,7 +891,7 @@ fn read_all(
         let t = target_of(&router, plan, c.target);
         dispatch(c, t, shared)?;
     }
-    Ok(skipped)
+    Ok(())
 }
 
 /// The Parquet file of a chunk: named by the load (several loads can share a directory) and
@@ -923,8 +919,7 @@ fn parse_chunk(
     rejecting: bool,
 ) -> Result<(Chunk, Vec<BadRow>), String> {
     let cols = &plan.columns;
-    let mut chunk = Chunk::with_capacity(raw.target, cols, &(raw.len(), Vec::new()));
-    chunk.no = raw.no;
+    let mut chunk = Chunk::with_capacity(raw.no, cols, raw.len());
     let mut bad = Vec::new();
     let mut known_bad = raw.bad.iter().peekable();
     // One UTF-8 check for the whole chunk instead of one per field.
@@ -965,12 +960,8 @@ fn parse_chunk(
 fn target_of(router: &Option<&mut Router>, plan: &Plan, t: usize) -> Target {
     match router {
         Some(r) => r.targets[t].clone(),
-        None => plan.targets[0].clone(),
+        None => plan.table.clone(),
     }
-}
-
-fn source_is_csv(opts: &LoadOptions) -> bool {
-    opts.format.or_else(|| Format::detect(&opts.from).ok()) != Some(Format::Text)
 }
 
 /// Parses one record onto the end of a chunk's columns, which hold `rows` rows. On error the

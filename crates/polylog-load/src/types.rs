@@ -175,8 +175,8 @@ impl ColumnData {
         ColumnData { valid: Vec::new(), values: Values::new(ty) }
     }
 
-    /// Room for `rows` rows and `bytes` bytes of text-like values.
-    pub fn with_capacity(ty: &ColType, rows: usize, bytes: usize) -> ColumnData {
+    /// Room for `rows` rows.
+    pub fn with_capacity(ty: &ColType, rows: usize) -> ColumnData {
         let mut c = ColumnData::new(ty);
         c.valid.reserve(rows);
         match &mut c.values {
@@ -187,20 +187,9 @@ impl ColumnData {
             Values::F32(v) => v.reserve(rows),
             Values::F64(v) => v.reserve(rows),
             Values::Uuid(v) => v.reserve(rows),
-            Values::Bytes { data, ends } => {
-                data.reserve(bytes);
-                ends.reserve(rows);
-            }
+            Values::Bytes { ends, .. } => ends.reserve(rows),
         }
         c
-    }
-
-    /// Bytes held by text-like values.
-    pub fn bytes_len(&self) -> usize {
-        match &self.values {
-            Values::Bytes { data, .. } => data.len(),
-            _ => 0,
-        }
     }
 
     /// Drops rows from `rows` on (a row that failed half-way through its columns).
