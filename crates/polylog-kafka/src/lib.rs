@@ -117,6 +117,9 @@ pub struct KafkaLog {
     meta: BaseConsumer,
     /// One consumer per group, for committing and reading its offsets.
     groups: Mutex<BTreeMap<String, Arc<BaseConsumer>>>,
+    /// Partition counts seen, so that appends do not ask the cluster every time (a count only
+    /// grows; an unknown partition is checked again against fresh metadata).
+    partition_counts: Mutex<BTreeMap<String, u32>>,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -136,7 +139,14 @@ impl KafkaLog {
             .map_err(kafka)?;
         let admin = opts.client().create().map_err(kafka)?;
         let meta = opts.client().set("enable.auto.commit", "false").create().map_err(kafka)?;
-        let log = KafkaLog { opts, producer, admin, meta, groups: Mutex::new(BTreeMap::new()) };
+        let log = KafkaLog {
+            opts,
+            producer,
+            admin,
+            meta,
+            groups: Mutex::new(BTreeMap::new()),
+            partition_counts: Mutex::new(BTreeMap::new()),
+        };
         // Fail now, with the cause, when the cluster cannot be reached.
         log.meta.fetch_metadata(None, log.opts.timeout).map_err(|e| {
             LogError::Backend(format!(
@@ -159,7 +169,16 @@ impl KafkaLog {
     }
 
     fn check_partition(&self, topic: &str, partition: u32) -> Result<()> {
+        let known =
+            self.partition_counts.lock().unwrap_or_else(|p| p.into_inner()).get(topic).copied();
+        if known.is_some_and(|n| partition < n) {
+            return Ok(());
+        }
         let n = self.partitions(topic)?;
+        self.partition_counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_string(), n);
         if partition >= n {
             return Err(LogError::UnknownPartition {
                 topic: topic.to_string(),
