@@ -9,6 +9,7 @@
 mod bulk_load;
 mod cdc;
 mod events_ingest;
+mod kafka_produce;
 mod log_append;
 mod report_latency;
 mod sink_postgres;
@@ -81,6 +82,12 @@ const SCENARIOS: &[(&str, &str)] = &[
          --columns N, --chunk-rows N)",
     ),
     (
+        "kafka_produce",
+        "records/s appending batches through the Kafka backend, vs a bare rdkafka producer loop \
+         acknowledging the same batches, on a tansu broker it starts (options: --records N, \
+         --batch N, --partitions N)",
+    ),
+    (
         "view_join",
         "input changes/s through a videos+publisher+tags view, vs querying Postgres for each \
          change's documents (options: --videos N, --changes N, --baseline-changes N, --cache-mb N)",
@@ -137,6 +144,7 @@ fn main() -> ExitCode {
         "sink_postgres" => sink_postgres::run(&opts),
         "sink_search" => sink_search::run(&opts),
         "bulk_load" => bulk_load::run(&opts),
+        "kafka_produce" => kafka_produce::run(&opts),
         other => Err(format!("unknown scenario {other:?}\n{}", usage())),
     };
     match result {

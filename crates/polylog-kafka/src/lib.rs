@@ -7,21 +7,21 @@
 //! when it returns. Readers are assigned consumers that see records up to the high watermark,
 //! as the embedded log's readers see only durable records.
 //!
-//! Status: the backend itself, tested against librdkafka's mock cluster. Not yet wired into
-//! `[log] backend = "kafka"` (the CLI still refuses it), not yet tested against a real broker.
+//! `[log] backend = "kafka"` selects it; tested against a Kafka-protocol broker (tansu) and
+//! librdkafka's mock cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use polylog_log::{
-    Appended, Log, LogError, LogReader, PartitionDescription, Record, Result, StartAt,
+    Appended, GroupMember, Log, LogError, LogReader, PartitionDescription, Record, Result, StartAt,
     StoredRecord, TopicConfig, TopicDescription,
 };
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
@@ -39,6 +39,8 @@ pub struct KafkaOptions {
     pub settings: Vec<(String, String)>,
     /// How long a request to the cluster may take.
     pub timeout: Duration,
+    /// How long a silent group member keeps its partitions before the others take them over.
+    pub session_timeout: Duration,
 }
 
 impl KafkaOptions {
@@ -48,6 +50,7 @@ impl KafkaOptions {
             replication_factor: 1,
             settings: Vec::new(),
             timeout: Duration::from_secs(30),
+            session_timeout: Duration::from_secs(10),
         }
     }
 
@@ -288,7 +291,11 @@ impl Log for KafkaLog {
                 size_bytes: 0,
             });
         }
-        Ok(TopicDescription { name: name.to_string(), config: TopicConfig::new(n), partitions })
+        Ok(TopicDescription {
+            name: name.to_string(),
+            config: self.topic_config(name, n),
+            partitions,
+        })
     }
 
     fn append(&self, topic: &str, partition: u32, records: &[Record]) -> Result<Appended> {
@@ -430,6 +437,30 @@ impl Log for KafkaLog {
         c.commit(&tpl, CommitMode::Sync).map_err(kafka)
     }
 
+    fn join_group(&self, group: &str, topics: &[String]) -> Result<Box<dyn GroupMember>> {
+        let state = Arc::new(Mutex::new(None));
+        let consumer: BaseConsumer<Membership> = self
+            .opts
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "latest")
+            .set("partition.assignment.strategy", "range")
+            .set("session.timeout.ms", self.opts.session_timeout.as_millis().to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (self.opts.session_timeout.as_millis() / 5).max(100).to_string(),
+            )
+            // Members never read: a small fetch when one slips through before the pause.
+            .set("fetch.max.bytes", "1024")
+            .set("max.partition.fetch.bytes", "1024")
+            .create_with_context(Membership { state: Arc::clone(&state) })
+            .map_err(kafka)?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(kafka)?;
+        Ok(Box::new(KafkaMember { consumer, state }))
+    }
+
     fn committed_offsets(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>> {
         let n = self.partitions(topic)?;
         let c = self.group(group)?;
@@ -449,6 +480,31 @@ impl Log for KafkaLog {
 }
 
 impl KafkaLog {
+    /// The topic's settings as the cluster reports them (what it does not report keeps the
+    /// log's defaults).
+    fn topic_config(&self, name: &str, partitions: u32) -> TopicConfig {
+        let mut c = TopicConfig::new(partitions);
+        let opts = AdminOptions::new().request_timeout(Some(self.opts.timeout));
+        let spec = ResourceSpecifier::Topic(name);
+        let Ok(results) = futures_executor::block_on(self.admin.describe_configs([&spec], &opts))
+        else {
+            return c;
+        };
+        let Some(Ok(res)) = results.into_iter().next() else { return c };
+        let value = |k: &str| res.get(k).and_then(|e| e.value.as_deref());
+        let number = |k: &str| value(k).and_then(|v| v.parse::<i64>().ok());
+        c.compacted = value("cleanup.policy").is_some_and(|v| v.contains("compact"));
+        c.retention_ms = number("retention.ms").filter(|v| *v >= 0).map(|v| v as u64);
+        c.retention_bytes = number("retention.bytes").filter(|v| *v >= 0).map(|v| v as u64);
+        if let Some(v) = number("segment.bytes").filter(|v| *v > 0) {
+            c.segment_bytes = v as u64;
+        }
+        if let Some(v) = number("delete.retention.ms").filter(|v| *v >= 0) {
+            c.tombstone_retention_ms = v as u64;
+        }
+        c
+    }
+
     fn done_wait<'a>(
         &self,
         batch: &'a Batch,
@@ -459,6 +515,55 @@ impl KafkaLog {
             Ok((g, _)) => g,
             Err(p) => p.into_inner().0,
         }
+    }
+}
+
+/// The member's view of its assignment, kept by the rebalance callbacks (which librdkafka runs
+/// inside `poll`): `None` from a revocation until the next assignment.
+type Owned = Arc<Mutex<Option<BTreeSet<(String, u32)>>>>;
+
+struct Membership {
+    state: Owned,
+}
+
+impl ClientContext for Membership {}
+
+impl ConsumerContext for Membership {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = rebalance {
+            *self.state.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let owned: BTreeSet<(String, u32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition().max(0) as u32))
+                .collect();
+            // A member never reads its partitions: it only owns them.
+            let _ = consumer.pause(tpl);
+            *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(owned);
+        }
+    }
+}
+
+struct KafkaMember {
+    consumer: BaseConsumer<Membership>,
+    state: Owned,
+}
+
+impl GroupMember for KafkaMember {
+    fn owned(&mut self, _: &dyn Log) -> Result<Option<BTreeSet<(String, u32)>>> {
+        // Runs the rebalance callbacks; a record fetched before the pause is dropped.
+        match self.consumer.poll(Duration::ZERO) {
+            Some(Err(e)) if !matches!(e, KafkaError::PartitionEOF(_)) => {
+                return Err(LogError::Backend(format!("group membership: {e}")))
+            }
+            _ => {}
+        }
+        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }
 

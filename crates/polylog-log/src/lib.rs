@@ -26,7 +26,7 @@ mod partitioner;
 mod reader;
 mod segment;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 pub use compaction::CompactionStats;
@@ -227,6 +227,38 @@ pub trait Log: Send + Sync {
     fn commit_offsets(&self, group: &str, offsets: &[(String, u32, u64)]) -> Result<()>;
     /// A consumer group's committed next offsets for a topic, by partition.
     fn committed_offsets(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>>;
+    /// Joins `group` to share the partitions of `topics` with the other processes that join
+    /// it (Kafka's group membership). A log that only one process uses (the embedded log)
+    /// gives every partition to its one member.
+    fn join_group(&self, group: &str, topics: &[String]) -> Result<Box<dyn GroupMember>> {
+        let _ = group;
+        Ok(Box::new(SoleMember { topics: topics.to_vec() }))
+    }
+}
+
+/// A process's place in a group sharing partitions: which ones it owns now.
+pub trait GroupMember: Send {
+    /// The (topic, partition)s this member owns; `None` while the group is rebalancing, when
+    /// a member must act on none of them. Call it often (every few seconds at least): it also
+    /// keeps the membership alive.
+    fn owned(&mut self, log: &dyn Log) -> Result<Option<BTreeSet<(String, u32)>>>;
+}
+
+/// The only member of its group: owns every partition.
+struct SoleMember {
+    topics: Vec<String>,
+}
+
+impl GroupMember for SoleMember {
+    fn owned(&mut self, log: &dyn Log) -> Result<Option<BTreeSet<(String, u32)>>> {
+        let mut out = BTreeSet::new();
+        for t in &self.topics {
+            for p in log.describe_topic(t)?.partitions {
+                out.insert((t.clone(), p.partition));
+            }
+        }
+        Ok(Some(out))
+    }
 }
 
 /// Checks a topic name against Kafka's rules (so every topic can move to Kafka unchanged):

@@ -1,13 +1,13 @@
 //! Running a sink: its topics (patterns, re-resolved as topics appear), read from the
 //! consumer group `sink.<name>`, written in batches, offsets committed after each write.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use polylog_log::{Log, LogReader, StartAt};
+use polylog_log::{GroupMember, Log, LogReader, StartAt};
 use polylog_postgres::config::glob_match;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,20 @@ pub struct Sink {
     /// Where `search` sinks keep their index (`<dir>/<name>`), and the process's indexes.
     search: Option<(PathBuf, SearchIndexes)>,
     dead_letters: Arc<std::sync::atomic::AtomicU64>,
+    /// Share the topics' partitions with other processes running this sink (group
+    /// `sink.<name>.members`): each writes the partitions it owns.
+    share: bool,
+}
+
+/// A sink process's membership in the group sharing the sink's partitions.
+#[derive(Default)]
+struct Share {
+    /// The membership, and the topics it was joined with.
+    member: Option<(Vec<String>, Box<dyn GroupMember>)>,
+    /// The partitions owned; `None` until known (and while the group rebalances).
+    owned: Option<BTreeSet<(String, u32)>>,
+    asked: Option<Instant>,
+    topics_at: Option<Instant>,
 }
 
 struct Input {
@@ -75,7 +89,16 @@ impl Sink {
             status: Mutex::new(status),
             search: None,
             dead_letters: Arc::default(),
+            share: false,
         })
+    }
+
+    /// Shares the sink's partitions with the other processes that run it (Kafka group
+    /// membership): each process writes the partitions it owns and takes over those of a
+    /// process that stops, from the group's committed offsets.
+    pub fn shared(mut self, share: bool) -> Sink {
+        self.share = share;
+        self
     }
 
     /// Where a `search` sink keeps its index (`<dir>/<name>`), and the registry the API
@@ -204,16 +227,24 @@ impl Sink {
         let mut targets: BTreeMap<(String, u32), u64> = BTreeMap::new();
         let mut refreshed: Option<Instant> = None;
         let mut lag_at = Instant::now();
+        let mut share = (self.share && !until_caught_up).then(Share::default);
         self.set_status(|s| s.state = "running".into());
         loop {
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
+            }
+            if let Some(sh) = share.as_mut() {
+                if !self.share_poll(sh, &mut inputs, &mut refreshed)? {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
             }
             if refreshed.is_none_or(|r| r.elapsed() >= TOPICS_REFRESH) {
                 self.open_new_inputs(
                     &mut inputs,
                     &mut targets,
                     until_caught_up && refreshed.is_none(),
+                    share.as_ref().and_then(|sh| sh.owned.as_ref()),
                 )?;
                 refreshed = Some(Instant::now());
             }
@@ -268,6 +299,51 @@ impl Sink {
         }
     }
 
+    /// With `share`: asks the group (at most every 200 ms) which partitions this process
+    /// owns, drops the inputs of partitions it lost and has those it gained opened (from the
+    /// group's committed offsets). `false` while the group rebalances: hold nothing.
+    fn share_poll(
+        &self,
+        sh: &mut Share,
+        inputs: &mut Vec<Input>,
+        refreshed: &mut Option<Instant>,
+    ) -> Result<bool, SinkError> {
+        if sh.asked.is_some_and(|a| a.elapsed() < Duration::from_millis(200)) {
+            return Ok(true);
+        }
+        if sh.topics_at.is_none_or(|t| t.elapsed() >= TOPICS_REFRESH) {
+            let topics = self.topics()?;
+            sh.topics_at = Some(Instant::now());
+            if sh.member.as_ref().map(|(t, _)| t) != Some(&topics) {
+                // New topics: join again with all of them (no topics yet: nothing to own).
+                sh.member = None;
+                if !topics.is_empty() {
+                    let group = format!("{}.members", self.group());
+                    sh.member = Some((topics.clone(), self.log.join_group(&group, &topics)?));
+                }
+            }
+        }
+        let now = match sh.member.as_mut() {
+            None => Some(BTreeSet::new()),
+            Some((_, m)) => m.owned(&*self.log)?,
+        };
+        let Some(now) = now else {
+            inputs.clear();
+            sh.owned = None;
+            sh.asked = None;
+            self.set_status(|s| s.state = "rebalancing".into());
+            return Ok(false);
+        };
+        sh.asked = Some(Instant::now());
+        inputs.retain(|i| now.contains(&(i.topic.clone(), i.partition)));
+        if sh.owned.as_ref() != Some(&now) {
+            sh.owned = Some(now);
+            *refreshed = None;
+            self.set_status(|s| s.state = "running".into());
+        }
+        Ok(true)
+    }
+
     /// Measures the lag for the status, at most once a second.
     fn refresh_lag(&self, at: &mut Instant) -> Result<(), SinkError> {
         if at.elapsed() >= Duration::from_secs(1) {
@@ -286,6 +362,7 @@ impl Sink {
         inputs: &mut Vec<Input>,
         targets: &mut BTreeMap<(String, u32), u64>,
         record_targets: bool,
+        owned: Option<&BTreeSet<(String, u32)>>,
     ) -> Result<(), SinkError> {
         let topics = self.topics()?;
         self.set_status(|s| s.topics = topics.clone());
@@ -293,7 +370,9 @@ impl Sink {
             let committed = self.log.committed_offsets(&self.group(), &topic)?;
             let d = self.log.describe_topic(&topic)?;
             for p in &d.partitions {
-                if inputs.iter().any(|i| i.topic == topic && i.partition == p.partition) {
+                if inputs.iter().any(|i| i.topic == topic && i.partition == p.partition)
+                    || owned.is_some_and(|o| !o.contains(&(topic.clone(), p.partition)))
+                {
                     continue;
                 }
                 let start = match committed.get(&p.partition) {

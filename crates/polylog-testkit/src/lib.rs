@@ -9,7 +9,7 @@
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -458,4 +458,115 @@ impl Rng {
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next_u64() as u8).collect()
     }
+}
+
+/// A throwaway Kafka-protocol broker: `tansu` with in-memory storage on a free port
+/// (`cargo install tansu --features dynostore`, done by `scripts/test`). Its binary is looked
+/// up as `POLYLOG_TANSU`, then on `PATH`, then in `~/.cargo/bin`. Killed when dropped.
+pub struct KafkaBroker {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl KafkaBroker {
+    pub fn start() -> Result<KafkaBroker> {
+        let bin = std::env::var_os("POLYLOG_TANSU")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("PATH").and_then(|paths| {
+                    std::env::split_paths(&paths).map(|d| d.join("tansu")).find(|p| p.is_file())
+                })
+            })
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
+                    .filter(|p| p.is_file())
+            });
+        let Some(bin) = bin else {
+            return err(
+                "the Kafka tests need the tansu broker: cargo install tansu --features dynostore \
+                 (scripts/test installs it)",
+            );
+        };
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| TestkitError(format!("cannot start {}: {e}", bin.display())))?;
+        let mut broker = KafkaBroker { child, port };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = broker.child.try_wait() {
+                return err(format!("tansu exited before listening: {status}"));
+            }
+            if std::time::Instant::now() > deadline {
+                return err("tansu did not listen within 30 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(broker)
+    }
+
+    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker (its in-memory topics are gone).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads `n` records of `topic` from the beginning with the `confluent-kafka` Python client (a
+/// standard Kafka client over a recent librdkafka; `pip install confluent-kafka`, done by
+/// `scripts/test`): one JSON object per record, as text: `key`, `value` (UTF-8 strings or
+/// null), `offset`, `partition`, `headers` (`[[name, value], ...]`).
+pub fn confluent_read(brokers: &str, topic: &str, n: usize) -> Result<Vec<String>> {
+    const SCRIPT: &str = r#"
+import json, sys
+from confluent_kafka import Consumer
+brokers, topic, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+c = Consumer({"bootstrap.servers": brokers, "group.id": "python-reader",
+              "auto.offset.reset": "earliest", "enable.auto.commit": False})
+c.subscribe([topic])
+got = 0
+import time
+deadline = time.time() + 60
+while got < n and time.time() < deadline:
+    m = c.poll(1.0)
+    if m is None:
+        continue
+    if m.error():
+        raise SystemExit("consumer error: %s" % m.error())
+    dec = lambda b: None if b is None else b.decode()
+    print(json.dumps({"key": dec(m.key()), "value": dec(m.value()), "offset": m.offset(),
+                      "partition": m.partition(),
+                      "headers": [[k, dec(v)] for k, v in (m.headers() or [])]}))
+    got += 1
+c.close()
+"#;
+    let out = Command::new("python3")
+        .args(["-c", SCRIPT, brokers, topic, &n.to_string()])
+        .output()
+        .map_err(|e| TestkitError(format!("python3: {e}")))?;
+    if !out.status.success() {
+        return err(format!(
+            "the confluent-kafka reader failed (pip install confluent-kafka): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect())
 }

@@ -435,11 +435,7 @@ impl Core<'_> {
                         continue; // the same document as last emitted
                     }
                     let v = last.map_or(version, |(lv, _)| lv.max(version));
-                    doc.pop(); // the closing brace
-                    if doc.len() > 1 {
-                        doc.push(b',');
-                    }
-                    doc.extend_from_slice(format!("\"_version\":{v}}}").as_bytes());
+                    stamp(&mut doc, v);
                     let mut e = v.to_be_bytes().to_vec();
                     e.extend_from_slice(&hash);
                     t.insert(ekey.as_slice(), e.as_slice()).map_err(store_err)?;
@@ -455,6 +451,95 @@ impl Core<'_> {
         }
         Ok(out)
     }
+}
+
+/// A document to write again when a process takes over its output partition.
+pub enum Handover {
+    /// The root's current document, stamped with the version it was last emitted with.
+    Document(Vec<u8>, Vec<u8>),
+    /// A root deleted while another process owned its partition: the deletion's version.
+    Deleted(Vec<u8>, u64),
+}
+
+impl Core<'_> {
+    /// Records what emission skipped because another process owns the root's output
+    /// partition: a deletion is remembered (`X`) for a later takeover, a document forgets it.
+    pub fn skipped(
+        &self,
+        t: &mut StateTable<'_>,
+        pk: &[u8],
+        deleted_at: Option<u64>,
+    ) -> Result<(), ViewError> {
+        let mut key = vec![b'X'];
+        key.extend_from_slice(pk);
+        match deleted_at {
+            Some(v) => t.insert(key.as_slice(), &v.to_be_bytes()[..]).map_err(store_err)?,
+            None => t.remove(key.as_slice()).map_err(store_err)?,
+        };
+        Ok(())
+    }
+
+    /// The next up to `n` roots after `cursor` (deletions first, then documents) whose
+    /// output partition `mine` accepts, for a process taking partitions over; the cursor to
+    /// continue from, `None` when done. Deletion markers handed over are removed.
+    pub fn handover(
+        &self,
+        t: &mut StateTable<'_>,
+        cursor: &[u8],
+        n: usize,
+        mine: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<(Vec<Handover>, Option<Vec<u8>>), ViewError> {
+        let mut out = Vec::new();
+        // The cursor is a whole key: deletion markers (`X…`) go first, then documents (`E…`).
+        let (prefix, from) = match cursor.first() {
+            None => (b"X".as_slice(), b"X".to_vec()),
+            Some(b'X') => (b"X".as_slice(), next_key(cursor)),
+            _ => (b"E".as_slice(), next_key(cursor)),
+        };
+        let keys = scan_from(t, prefix, &from, n)?;
+        let Some(last) = keys.last() else {
+            return Ok((out, (prefix == b"X").then(|| b"E".to_vec())));
+        };
+        let mut last_key = prefix.to_vec();
+        last_key.extend_from_slice(last);
+        for pk in keys {
+            if !mine(&pk) {
+                continue;
+            }
+            let mut key = prefix.to_vec();
+            key.extend_from_slice(&pk);
+            let value = t.get(key.as_slice()).map_err(store_err)?.map(|v| v.value().to_vec());
+            let version = value
+                .as_deref()
+                .and_then(|b| b.get(..8))
+                .and_then(|s| s.try_into().ok())
+                .map_or(0, u64::from_be_bytes);
+            if prefix == b"X" {
+                t.remove(key.as_slice()).map_err(store_err)?;
+                out.push(Handover::Deleted(pk, version));
+            } else if let Some(mut doc) = self.document(t, &pk)? {
+                stamp(&mut doc, version);
+                out.push(Handover::Document(pk, doc));
+            }
+        }
+        Ok((out, Some(last_key)))
+    }
+}
+
+/// The smallest key after `key`.
+fn next_key(key: &[u8]) -> Vec<u8> {
+    let mut k = key.to_vec();
+    k.push(0);
+    k
+}
+
+/// Adds `"_version": v` to a document (an object).
+fn stamp(doc: &mut Vec<u8>, v: u64) {
+    doc.pop(); // the closing brace
+    if doc.len() > 1 {
+        doc.push(b',');
+    }
+    doc.extend_from_slice(format!("\"_version\":{v}}}").as_bytes());
 }
 
 /// Every entry starting with `prefix`: its key without the prefix, and its value.

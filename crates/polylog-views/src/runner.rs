@@ -15,13 +15,15 @@
 //! crash the view resumes from the last checkpoint, re-emits the same documents for what it
 //! replays, and ends in the same state as an uninterrupted run.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use polylog_log::{partition_for_key, Log, LogError, LogReader, Record, StartAt, TopicConfig};
+use polylog_log::{
+    partition_for_key, GroupMember, Log, LogError, LogReader, Record, StartAt, TopicConfig,
+};
 use polylog_postgres::source::sibling_topic;
 use redb::{Database, Durability};
 use serde::Serialize;
@@ -29,7 +31,7 @@ use serde_json::Value;
 
 use crate::change::{Change, Op};
 use crate::config::ViewConfig;
-use crate::core::{store_err, Core, Dirty, StateTable, STATE};
+use crate::core::{store_err, Core, Dirty, Handover, StateTable, STATE};
 use crate::spec::{ColumnInfo, ViewSpec};
 use crate::ViewError;
 
@@ -52,6 +54,10 @@ pub struct ViewOptions {
     /// applied without them (with a warning); they cannot go missing unless a topic was cut
     /// by retention.
     pub transaction_wait: Duration,
+    /// Share the output partitions with other processes running the same view (Kafka group
+    /// membership): each emits the documents of the partitions it owns, and emits every
+    /// document of a partition it takes over. Every process keeps the whole view's state.
+    pub share: bool,
 }
 
 impl ViewOptions {
@@ -60,6 +66,7 @@ impl ViewOptions {
             state_dir,
             checkpoint_interval: Duration::from_millis(500),
             transaction_wait: Duration::from_secs(30),
+            share: false,
         }
     }
 }
@@ -79,6 +86,9 @@ pub struct ViewStatus {
     pub skipped: u64,
     /// Highest source LSN applied.
     pub version: u64,
+    /// With shared work: the output partitions this process owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Vec<u32>>,
     pub last_error: Option<String>,
 }
 
@@ -191,6 +201,13 @@ impl View {
                     if stop.load(Ordering::SeqCst) {
                         stopping = true;
                         break;
+                    }
+                    if w.open.is_none() && !w.check_membership(&mut t)? {
+                        if started.elapsed() >= self.opts.checkpoint_interval {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
                     }
                     let progressed = w.step(&mut t)?;
                     if w.open.is_none() && started.elapsed() >= self.opts.checkpoint_interval {
@@ -349,6 +366,11 @@ struct Worker<'v> {
     /// starves the other.
     transaction_first: bool,
     saved: Offsets,
+    /// With `share`: this process's place in the view's group, the output partitions it
+    /// owns, and when it last asked.
+    member: Option<Box<dyn GroupMember>>,
+    owned: Option<BTreeSet<u32>>,
+    member_checked: Option<Instant>,
 }
 
 impl<'v> Worker<'v> {
@@ -394,7 +416,15 @@ impl<'v> Worker<'v> {
             applied: 0,
             transaction_first: false,
             saved: offsets,
+            member: None,
+            owned: None,
+            member_checked: None,
         };
+        if view.opts.share {
+            let group = format!("polylog.view.{}", view.spec.name);
+            w.member = Some(log.join_group(&group, std::slice::from_ref(&w.out_topic))?);
+            w.owned = Some(BTreeSet::new());
+        }
         w.attach_feeds()?;
         Ok(w)
     }
@@ -649,6 +679,10 @@ impl<'v> Worker<'v> {
             let (mut documents, mut tombstones) = (0, 0);
             for (key, doc) in docs {
                 let p = partition_for_key(&key, self.out_partitions);
+                if !self.owns(p) {
+                    self.core.skipped(t, &key, doc.is_none().then_some(version))?;
+                    continue;
+                }
                 let record = match doc {
                     Some(d) => {
                         documents += 1;
@@ -673,6 +707,85 @@ impl<'v> Worker<'v> {
                 self.flush_output()?;
             }
         }
+        Ok(())
+    }
+
+    fn owns(&self, p: u32) -> bool {
+        self.owned.as_ref().is_none_or(|o| o.contains(&p))
+    }
+
+    /// With `share`, between transactions: asks the group which output partitions this
+    /// process owns (at most every 200 ms) and writes every document of partitions it just
+    /// took over. `false` while the group rebalances: nothing may be applied until it is done,
+    /// or documents of partitions changing hands could be emitted by nobody.
+    fn check_membership(&mut self, t: &mut StateTable<'_>) -> Result<bool, ViewError> {
+        let Some(member) = self.member.as_mut() else { return Ok(true) };
+        if self.member_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(200)) {
+            return Ok(true);
+        }
+        let owned = member.owned(&*self.view.log)?;
+        let Some(owned) = owned else {
+            self.member_checked = None;
+            self.view.set_status(|s| s.state = "rebalancing".into());
+            return Ok(false);
+        };
+        self.member_checked = Some(Instant::now());
+        let owned: BTreeSet<u32> =
+            owned.into_iter().filter(|(t, _)| *t == self.out_topic).map(|(_, p)| p).collect();
+        let before = self.owned.replace(owned.clone()).unwrap_or_default();
+        let gained: BTreeSet<u32> = owned.difference(&before).copied().collect();
+        self.view.set_status(|s| {
+            s.state = "running".into();
+            s.partitions = Some(owned.iter().copied().collect());
+        });
+        if !gained.is_empty() {
+            self.hand_over(t, &gained)?;
+        }
+        Ok(true)
+    }
+
+    /// Writes every document (and every deletion not yet written) of output partitions this
+    /// process took over: whatever their previous owner had not written yet is then there.
+    fn hand_over(
+        &mut self,
+        t: &mut StateTable<'_>,
+        gained: &BTreeSet<u32>,
+    ) -> Result<(), ViewError> {
+        let parts = self.out_partitions;
+        let mine = |pk: &[u8]| gained.contains(&partition_for_key(pk, parts));
+        let mut cursor = Vec::new();
+        let mut written = 0u64;
+        loop {
+            let (batch, next) = self.core.handover(t, &cursor, OUTPUT_BATCH, &mine)?;
+            for h in batch {
+                let (p, record) = match h {
+                    Handover::Document(pk, doc) => {
+                        (partition_for_key(&pk, parts), Record::new(pk, doc))
+                    }
+                    Handover::Deleted(pk, version) => {
+                        let p = partition_for_key(&pk, parts);
+                        let mut r = Record::tombstone(pk);
+                        r.headers.push((VERSION_HEADER.into(), version.to_string().into_bytes()));
+                        (p, r)
+                    }
+                };
+                self.pending.entry(p).or_default().push(record);
+                self.pending_n += 1;
+                written += 1;
+            }
+            if self.pending_n >= OUTPUT_BATCH {
+                self.flush_output()?;
+            }
+            match next {
+                Some(c) => cursor = c,
+                None => break,
+            }
+        }
+        self.flush_output()?;
+        eprintln!(
+            "view {}: took over output partitions {gained:?}: wrote their {written} documents",
+            self.view.spec.name
+        );
         Ok(())
     }
 

@@ -60,6 +60,37 @@ pub struct LogConfig {
     /// Kafka bootstrap servers, `host:port,...` (backend = "kafka").
     #[serde(default)]
     pub brokers: Option<String>,
+    /// Kafka: replication factor of the topics Polylog creates (default: the cluster's
+    /// `default.replication.factor`).
+    #[serde(default)]
+    pub replication_factor: Option<u16>,
+    /// Kafka: connect over TLS (`tls_ca`, `tls_cert` and `tls_key` imply it).
+    #[serde(default)]
+    pub tls: bool,
+    /// Kafka: PEM file of the CA that signed the brokers' certificates (default: the system's).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Kafka: PEM files of a client certificate and its key, for clusters that ask for one.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Kafka: SASL mechanism: `SCRAM-SHA-256`, `SCRAM-SHA-512` or `PLAIN`.
+    #[serde(default)]
+    pub sasl_mechanism: Option<String>,
+    #[serde(default)]
+    pub sasl_username: Option<String>,
+    /// The SASL password; or leave it out and set `POLYLOG_KAFKA_PASSWORD`.
+    #[serde(default)]
+    pub sasl_password: Option<String>,
+    /// Kafka: several processes run this same config's views and sinks and split their
+    /// partitions (consumer-group membership); one that stops is taken over by the others.
+    #[serde(default)]
+    pub scale_out: bool,
+    /// Kafka: further librdkafka settings, applied to every client (`[log.kafka]`,
+    /// e.g. `"message.max.bytes" = "2000000"`).
+    #[serde(default)]
+    pub kafka: BTreeMap<String, String>,
     /// When appended records are fsynced: `always` (per batch, group commit), `interval`, `never`.
     #[serde(default)]
     pub fsync: FsyncPolicy,
@@ -82,6 +113,16 @@ impl Default for LogConfig {
         LogConfig {
             backend: Backend::Embedded,
             brokers: None,
+            replication_factor: None,
+            tls: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            kafka: BTreeMap::new(),
+            scale_out: false,
             fsync: FsyncPolicy::Always,
             fsync_interval_ms: default_fsync_interval_ms(),
             partitions: default_partitions(),
@@ -281,8 +322,10 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.log.backend == Backend::Kafka && self.log.brokers.is_none() {
-            bail!("`log.brokers`: backend = \"kafka\" needs brokers = \"host:9092,...\"");
+        if self.log.backend == Backend::Kafka {
+            self.kafka_options()?;
+        } else if self.log.scale_out {
+            bail!("`log.scale_out`: sharing work between processes needs backend = \"kafka\"");
         }
         let segment = polylog_log::SEGMENT_BYTES_MIN..=polylog_log::SEGMENT_BYTES_MAX;
         if !segment.contains(&self.log.segment_bytes) {
@@ -336,6 +379,72 @@ impl Config {
         Ok(())
     }
 
+    /// The Kafka backend's client settings as configured.
+    pub fn kafka_options(&self) -> anyhow::Result<polylog_kafka::KafkaOptions> {
+        let l = &self.log;
+        let Some(brokers) = l.brokers.as_deref().filter(|b| !b.trim().is_empty()) else {
+            bail!("`log.brokers`: backend = \"kafka\" needs brokers = \"host:9092,...\"");
+        };
+        let mut o = polylog_kafka::KafkaOptions::new(brokers);
+        o.replication_factor = l.replication_factor.map_or(-1, i32::from);
+        let tls = l.tls || l.tls_ca.is_some() || l.tls_cert.is_some() || l.tls_key.is_some();
+        if l.tls_cert.is_some() != l.tls_key.is_some() {
+            bail!("`log.tls_cert` and `log.tls_key`: a client certificate needs both");
+        }
+        let password =
+            l.sasl_password.clone().or_else(|| std::env::var("POLYLOG_KAFKA_PASSWORD").ok());
+        let sasl = match l.sasl_mechanism.as_deref() {
+            None => {
+                if l.sasl_username.is_some() || l.sasl_password.is_some() {
+                    bail!("`log.sasl_username`: set `log.sasl_mechanism` too (SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN)");
+                }
+                false
+            }
+            Some(m @ ("SCRAM-SHA-256" | "SCRAM-SHA-512" | "PLAIN")) => {
+                let Some(user) = &l.sasl_username else {
+                    bail!("`log.sasl_username`: SASL {m} needs a user name");
+                };
+                let Some(password) = &password else {
+                    bail!("`log.sasl_password`: SASL {m} needs a password (or set POLYLOG_KAFKA_PASSWORD)");
+                };
+                o.settings.push(("sasl.mechanism".into(), m.into()));
+                o.settings.push(("sasl.username".into(), user.clone()));
+                o.settings.push(("sasl.password".into(), password.clone()));
+                true
+            }
+            Some(m) => bail!(
+                "`log.sasl_mechanism`: {m:?} is not one of SCRAM-SHA-256, SCRAM-SHA-512, PLAIN"
+            ),
+        };
+        let protocol = match (tls, sasl) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        o.settings.push(("security.protocol".into(), protocol.into()));
+        let path = |key: &str, p: &Option<PathBuf>| -> anyhow::Result<Option<String>> {
+            match p {
+                None => Ok(None),
+                Some(p) if p.is_file() => Ok(Some(p.to_string_lossy().into_owned())),
+                Some(p) => bail!("`log.{key}`: {} is not a readable file", p.display()),
+            }
+        };
+        for (key, setting, p) in [
+            ("tls_ca", "ssl.ca.location", &l.tls_ca),
+            ("tls_cert", "ssl.certificate.location", &l.tls_cert),
+            ("tls_key", "ssl.key.location", &l.tls_key),
+        ] {
+            if let Some(v) = path(key, p)? {
+                o.settings.push((setting.into(), v));
+            }
+        }
+        for (k, v) in &l.kafka {
+            o.settings.push((k.clone(), v.clone()));
+        }
+        Ok(o)
+    }
+
     /// The embedded log's options as configured.
     pub fn log_options(&self) -> polylog_log::LogOptions {
         polylog_log::LogOptions {
@@ -382,6 +491,49 @@ mod tests {
         for e in expected {
             assert!(err.contains(e), "error for {toml:?} is {err:?}; expected it to mention {e:?}");
         }
+    }
+
+    #[test]
+    fn kafka_settings_become_librdkafka_settings() {
+        let dir = std::env::temp_dir().join(format!("polylog-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "x").expect("ca");
+        let c = Config::parse(&format!(
+            "[log]\nbackend = \"kafka\"\nbrokers = \"k1:9093,k2:9093\"\nreplication_factor = 3\n\
+             tls_ca = \"{}\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"polylog\"\n\
+             sasl_password = \"secret\"\n[log.kafka]\n\"message.max.bytes\" = \"2000000\"\n",
+            ca.display()
+        ))
+        .expect("config");
+        let o = c.kafka_options().expect("options");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(o.brokers, "k1:9093,k2:9093");
+        assert_eq!(o.replication_factor, 3);
+        let get = |k: &str| o.settings.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(get("sasl.username"), Some("polylog"));
+        assert_eq!(get("sasl.password"), Some("secret"));
+        assert_eq!(get("ssl.ca.location"), Some(ca.to_string_lossy().as_ref()));
+        assert_eq!(get("message.max.bytes"), Some("2000000"));
+        let plain =
+            Config::parse("[log]\nbackend = \"kafka\"\nbrokers = \"k:9092\"\n").expect("plain");
+        let o = plain.kafka_options().expect("options");
+        assert_eq!(o.replication_factor, -1, "the cluster's default replication factor");
+        assert!(o.settings.contains(&("security.protocol".into(), "plaintext".into())));
+        let tls = Config::parse("[log]\nbackend = \"kafka\"\nbrokers = \"k:9093\"\ntls = true\n")
+            .expect("tls");
+        let o = tls.kafka_options().expect("options");
+        assert!(o.settings.contains(&("security.protocol".into(), "ssl".into())));
+        check_error(
+            "[log]\nbackend = \"kafka\"\nbrokers = \"k:1\"\ntls_cert = \"/etc/hostname\"\n",
+            &["`log.tls_cert`", "both"],
+        );
+        check_error(
+            "[log]\nbackend = \"kafka\"\nbrokers = \"k:1\"\nsasl_username = \"u\"\n",
+            &["`log.sasl_username`", "sasl_mechanism"],
+        );
     }
 
     #[test]

@@ -69,13 +69,13 @@ pub fn run(args: &LoadArgs, config: impl FnOnce() -> anyhow::Result<Config>) -> 
     {
         let config = config()?;
         let log = crate::open_log_read_only(&config)?;
-        if !polylog_log::Log::topics(&log)?.contains(&name) {
+        if !log.topics()?.contains(&name) {
             bail!(
-                "{name} is neither a file nor a topic of the data directory {}",
+                "{name} is neither a file nor a topic of the log (data directory {})",
                 config.data_dir.display()
             );
         }
-        opts.topic = Some(TopicInput { log: std::sync::Arc::new(log), topic: name });
+        opts.topic = Some(TopicInput { log, topic: name });
     }
     opts.format = match args.format.as_deref() {
         None => None,

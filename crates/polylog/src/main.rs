@@ -10,10 +10,11 @@ mod topics;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use polylog_log::EmbeddedLog;
+use polylog_log::{EmbeddedLog, Log};
 
 use crate::config::{Backend, Config};
 
@@ -137,26 +138,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn check_backend(config: &Config) -> anyhow::Result<()> {
-    if config.log.backend == Backend::Kafka {
-        bail!(
-            "`log.backend = \"kafka\"` is not available in this version yet; only the embedded log \
-             is. Use backend = \"embedded\""
-        );
+/// Opens the log to write: with the embedded log, this process becomes the data directory's one
+/// writer; with Kafka, a client of the cluster.
+pub(crate) fn open_log(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
+    match config.log.backend {
+        Backend::Embedded => Ok(Arc::new(
+            EmbeddedLog::open(&config.data_dir, config.log_options())
+                .with_context(|| format!("cannot open the log in {}", config.data_dir.display()))?,
+        )),
+        Backend::Kafka => open_kafka(config),
     }
-    Ok(())
-}
-
-/// Opens the log to write: this process becomes the data directory's one writer.
-pub(crate) fn open_log(config: &Config) -> anyhow::Result<EmbeddedLog> {
-    check_backend(config)?;
-    EmbeddedLog::open(&config.data_dir, config.log_options())
-        .with_context(|| format!("cannot open the log in {}", config.data_dir.display()))
 }
 
 /// Opens the log to read, beside a process that may be writing it.
-pub(crate) fn open_log_read_only(config: &Config) -> anyhow::Result<EmbeddedLog> {
-    check_backend(config)?;
-    EmbeddedLog::open_read_only(&config.data_dir, config.log_options())
-        .with_context(|| format!("cannot read the log in {}", config.data_dir.display()))
+pub(crate) fn open_log_read_only(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
+    match config.log.backend {
+        Backend::Embedded => Ok(Arc::new(
+            EmbeddedLog::open_read_only(&config.data_dir, config.log_options())
+                .with_context(|| format!("cannot read the log in {}", config.data_dir.display()))?,
+        )),
+        Backend::Kafka => open_kafka(config),
+    }
+}
+
+fn open_kafka(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
+    let opts = config.kafka_options()?;
+    let brokers = opts.brokers.clone();
+    let log = polylog_kafka::KafkaLog::connect(opts)
+        .with_context(|| format!("cannot use the Kafka cluster at {brokers} as the log"))?;
+    Ok(Arc::new(log))
 }

@@ -52,7 +52,8 @@ fn sinks(
     let mut out = Vec::new();
     for (name, s) in &config.sinks {
         let sink = Sink::new(name, s.clone(), Arc::clone(&log))?
-            .with_search(config.data_dir.join("search"), Arc::clone(indexes));
+            .with_search(config.data_dir.join("search"), Arc::clone(indexes))
+            .shared(config.log.scale_out);
         out.push((name.clone(), sink));
     }
     Ok(out)
@@ -71,7 +72,8 @@ pub fn api_token(config: &Config) -> Option<String> {
 fn views(config: &Config, log: Arc<dyn Log>) -> anyhow::Result<Vec<(String, View)>> {
     let mut out = Vec::new();
     for (name, v) in &config.views {
-        let opts = ViewOptions::new(config.data_dir.join("views").join(name));
+        let mut opts = ViewOptions::new(config.data_dir.join("views").join(name));
+        opts.share = config.log.scale_out;
         out.push((name.clone(), View::new(name, v, Arc::clone(&log), opts)?));
     }
     Ok(out)
@@ -98,7 +100,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
 
 /// Runs every configured source, view and sink until `stop` is set or a fatal error.
 pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let log: Arc<dyn Log> = Arc::new(crate::open_log(config)?);
+    let log: Arc<dyn Log> = crate::open_log(config)?;
     let progress = std::io::stderr().is_terminal();
     let srcs = sources(config, Arc::clone(&log), progress)?;
     let statuses: Vec<(String, Arc<Mutex<SourceStatus>>)> =
@@ -456,11 +458,8 @@ pub fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
 
 fn print_sinks(config: &Config, reported: &serde_json::Value, running: bool) -> anyhow::Result<()> {
     // Without a running process, the lag comes from the log: the sink's committed offsets.
-    let log: Option<Arc<dyn Log>> = if running {
-        None
-    } else {
-        crate::open_log_read_only(config).ok().map(|l| Arc::new(l) as Arc<dyn Log>)
-    };
+    let log: Option<Arc<dyn Log>> =
+        if running { None } else { crate::open_log_read_only(config).ok() };
     let mut rows = vec![["SINK", "KIND", "STATE", "LAG", "RECORDS", "REJECTED", "LAST ERROR"]
         .map(String::from)
         .to_vec()];
@@ -597,7 +596,7 @@ pub fn replay(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
         Some(t) => StartFrom::Time(parse_time(t)?),
         None => StartFrom::Beginning,
     };
-    let log: Arc<dyn Log> = Arc::new(crate::open_log(config)?);
+    let log: Arc<dyn Log> = crate::open_log(config)?;
     let sink = Sink::new(&args.sink, cfg.clone(), Arc::clone(&log))?
         .with_search(config.data_dir.join("search"), SearchIndexes::default());
     sink.reset(from)?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use polylog_log::{partition_for_key, Log, LogReader, Record, StartAt, TopicConfig};
+use polylog_log::{partition_for_key, LogReader, Record, StartAt, TopicConfig};
 
 use crate::config::Config;
 

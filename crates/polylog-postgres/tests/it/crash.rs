@@ -24,13 +24,17 @@ fn child_source_for_kill_tests() {
     let Ok(spec) = std::env::var(CHILD_ENV) else { return };
     let spec: Value = serde_json::from_str(&spec).expect("child spec");
     let dir = std::path::PathBuf::from(spec["dir"].as_str().expect("dir"));
-    let o = LogOptions {
-        fsync: FsyncPolicy::Always,
-        maintenance_interval_ms: 0,
-        ..LogOptions::default()
+    let log: Arc<dyn Log> = match spec["kafka"].as_str() {
+        Some(brokers) => kafka_log(brokers),
+        None => {
+            let o = LogOptions {
+                fsync: FsyncPolicy::Always,
+                maintenance_interval_ms: 0,
+                ..LogOptions::default()
+            };
+            Arc::new(EmbeddedLog::open(dir.join("log"), o).expect("child: open log"))
+        }
     };
-    let log: Arc<dyn Log> =
-        Arc::new(EmbeddedLog::open(dir.join("log"), o).expect("child: open log"));
     let cfg = toml::from_str(spec["config"].as_str().expect("config")).expect("child: config");
     let opts = SourceOptions {
         state_dir: dir.join("sources").join("app"),
@@ -42,8 +46,15 @@ fn child_source_for_kill_tests() {
     src.run(&stop).expect("child: source failed");
 }
 
-fn spawn_child(dir: &std::path::Path, config: &str) -> Child {
-    let spec = json!({"dir": dir, "config": config}).to_string();
+fn kafka_log(brokers: &str) -> Arc<dyn Log> {
+    let mut o = polylog_kafka::KafkaOptions::new(brokers);
+    o.replication_factor = 1;
+    Arc::new(polylog_kafka::KafkaLog::connect(o).expect("connect to Kafka"))
+}
+
+/// The child's log: the embedded log under `dir`, or the Kafka broker at `kafka`.
+fn spawn_child(dir: &std::path::Path, config: &str, kafka: Option<&str>) -> Child {
+    let spec = json!({"dir": dir, "config": config, "kafka": kafka}).to_string();
     Command::new(std::env::current_exe().expect("test binary"))
         .args(["crash::child_source_for_kill_tests", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, spec)
@@ -93,25 +104,30 @@ fn assert_no_duplicates(log: &dyn Log, topic: &str) {
 }
 
 /// Waits until the folded topics equal the tables.
-fn wait_converged(pg: &PgCluster, log_dir: &std::path::Path, tables: &[&str]) {
+fn wait_converged(pg: &PgCluster, log_dir: &std::path::Path, kafka: Option<&str>, tables: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let o = LogOptions { maintenance_interval_ms: 0, ..LogOptions::default() };
-        let log = EmbeddedLog::open_read_only(log_dir, o).expect("read log");
+        let log: Arc<dyn Log> = match kafka {
+            Some(brokers) => kafka_log(brokers),
+            None => {
+                let o = LogOptions { maintenance_interval_ms: 0, ..LogOptions::default() };
+                Arc::new(EmbeddedLog::open_read_only(log_dir, o).expect("read log"))
+            }
+        };
         let diff: Vec<String> = tables
             .iter()
-            .filter(|t| folded(&log, &format!("app.public.{t}")) != table_state(pg, t))
+            .filter(|t| folded(&*log, &format!("app.public.{t}")) != table_state(pg, t))
             .map(|t| t.to_string())
             .collect();
         if diff.is_empty() {
             for t in tables {
-                assert_no_duplicates(&log, &format!("app.public.{t}"));
+                assert_no_duplicates(&*log, &format!("app.public.{t}"));
             }
             return;
         }
         if Instant::now() > deadline {
             let t = diff[0].clone();
-            let (want, got) = (table_state(pg, &t), folded(&log, &format!("app.public.{t}")));
+            let (want, got) = (table_state(pg, &t), folded(&*log, &format!("app.public.{t}")));
             let missing: Vec<_> =
                 want.keys().filter(|k| got.get(k) != want.get(k)).take(5).collect();
             let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(k)).take(5).collect();
@@ -123,6 +139,18 @@ fn wait_converged(pg: &PgCluster, log_dir: &std::path::Path, tables: &[&str]) {
 
 #[test]
 fn kill_9_at_random_loses_and_duplicates_nothing() {
+    kill_9_at_random(None);
+}
+
+/// The same on the Kafka backend: the source acknowledges a LSN to Postgres only once Kafka
+/// acknowledged what it wrote up to there.
+#[test]
+fn kill_9_at_random_loses_and_duplicates_nothing_on_kafka() {
+    let broker = polylog_testkit::KafkaBroker::start().expect("Kafka broker");
+    kill_9_at_random(Some(&broker.brokers()));
+}
+
+fn kill_9_at_random(kafka: Option<&str>) {
     let pg = cluster();
     pg.psql(
         "app",
@@ -190,7 +218,7 @@ fn kill_9_at_random_loses_and_duplicates_nothing() {
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
     let mut kills = 0;
     while kills < 30 || !(done.load(Ordering::SeqCst) || workload.is_finished()) {
-        let mut child = spawn_child(dir.path(), &config);
+        let mut child = spawn_child(dir.path(), &config, kafka);
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -201,11 +229,14 @@ fn kill_9_at_random_loses_and_duplicates_nothing() {
     }
     workload.join().expect("workload");
     // A last run, left to catch up.
-    let mut child = spawn_child(dir.path(), &config);
-    wait_converged(&pg, &dir.path().join("log"), &["t1", "t2"]);
+    let mut child = spawn_child(dir.path(), &config, kafka);
+    wait_converged(&pg, &dir.path().join("log"), kafka, &["t1", "t2"]);
     child.kill().expect("kill");
     child.wait().expect("reap");
-    eprintln!("crash test: {kills} kills");
+    eprintln!(
+        "crash test ({}): {kills} kills",
+        if kafka.is_some() { "Kafka" } else { "embedded log" }
+    );
 }
 
 #[test]
@@ -216,7 +247,7 @@ fn a_killed_snapshot_resumes_from_its_last_chunk() {
     let dir = TempDir::new("snapcrash");
     let config = format!("url = \"{}\"\nsnapshot_chunk_rows = 5000\n", pg.url("app"));
     let state_path = dir.path().join("sources").join("app").join("state.json");
-    let mut child = spawn_child(dir.path(), &config);
+    let mut child = spawn_child(dir.path(), &config, None);
     // Kill it once some chunks are stored, but before the end.
     let deadline = Instant::now() + Duration::from_secs(60);
     let rows_done = |p: &std::path::Path| -> u64 {
@@ -233,7 +264,7 @@ fn a_killed_snapshot_resumes_from_its_last_chunk() {
     child.wait().expect("reap");
     let at_kill = rows_done(&state_path);
     assert!(at_kill < 200_000, "killed before the end ({at_kill} rows stored)");
-    let mut child = spawn_child(dir.path(), &config);
+    let mut child = spawn_child(dir.path(), &config, None);
     wait_converged_snapshot(dir.path(), 200_000);
     child.kill().expect("kill");
     child.wait().expect("reap");
@@ -286,7 +317,7 @@ fn a_five_million_row_transaction_streams_in_bounded_memory() {
     pg.psql("app", "CREATE TABLE big (id int PRIMARY KEY, v int)").expect("schema");
     let dir = TempDir::new("bigtx");
     let config = format!("url = \"{}\"\n", pg.url("app"));
-    let mut child = spawn_child(dir.path(), &config);
+    let mut child = spawn_child(dir.path(), &config, None);
     // Wait until it streams (its state file says the snapshot is done).
     let state = dir.path().join("sources").join("app").join("state.json");
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -118,7 +118,8 @@ pub fn read_topic(log: &dyn Log, topic: &str) -> Vec<Event> {
     for p in &d.partitions {
         let mut r = log.reader(topic, p.partition, StartAt::Beginning).expect("reader");
         while r.position() < p.durable_offset {
-            let got = r.poll(10_000, Duration::ZERO).expect("poll");
+            // Durable records are there at once in the embedded log; a Kafka reader fetches.
+            let got = r.poll(10_000, Duration::from_secs(10)).expect("poll");
             if got.is_empty() {
                 break;
             }

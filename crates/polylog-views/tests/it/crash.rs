@@ -20,7 +20,7 @@ const CHILD_ENV: &str = "POLYLOG_VIEWS_CRASH_CHILD_DIR";
 const KILLS: usize = 20;
 
 /// A random transaction over the oracle's five tables.
-fn random_transaction(rng: &mut Rng) -> Vec<RowChange> {
+pub fn random_transaction(rng: &mut Rng) -> Vec<RowChange> {
     let mut out = Vec::new();
     for _ in 0..1 + rng.below(5) {
         let gone = rng.chance(20);

@@ -2,6 +2,7 @@
 //! quiescence every document equals what the same LEFT JOINs compute in Postgres.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use polylog_testkit::PgCluster;
 use serde_json::Value;
@@ -168,6 +169,22 @@ pub fn assert_same(ours: &BTreeMap<String, Value>, theirs: &BTreeMap<String, Val
 
 #[test]
 fn documents_equal_the_same_left_joins_in_postgres() {
+    let dir = TempDir::new("views-oracle");
+    same_left_joins(open_log(dir.path()), dir.path());
+}
+
+/// The same with every topic on Kafka (a tansu broker).
+#[test]
+fn documents_equal_the_same_left_joins_in_postgres_on_kafka() {
+    let broker = polylog_testkit::KafkaBroker::start().expect("Kafka broker");
+    let mut o = polylog_kafka::KafkaOptions::new(&broker.brokers());
+    o.replication_factor = 1;
+    let log = Arc::new(polylog_kafka::KafkaLog::connect(o).expect("connect to Kafka"));
+    let dir = TempDir::new("views-oracle-kafka");
+    same_left_joins(log, dir.path());
+}
+
+fn same_left_joins(log: Arc<dyn polylog_log::Log>, dir: &std::path::Path) {
     let pg = PgCluster::start().expect("start Postgres");
     pg.create_database("app").expect("database");
     pg.psql("app", SCHEMA).expect("schema");
@@ -176,17 +193,15 @@ fn documents_equal_the_same_left_joins_in_postgres() {
     for _ in 0..60 {
         pg.psql("app", &transaction(&mut rng)).expect("workload");
     }
-    let dir = TempDir::new("views-oracle");
-    let log = open_log(dir.path());
-    let src = RunningSource::start(&pg, "app", log.clone(), dir.path());
+    let src = RunningSource::start(&pg, "app", log.clone(), dir);
     src.wait_flushed(&pg, "app");
-    let mut view = RunningView::start("videos", &view_config(VIEW), log.clone(), dir.path());
+    let mut view = RunningView::start("videos", &view_config(VIEW), log.clone(), dir);
     for i in 0..300 {
         pg.psql("app", &transaction(&mut rng)).expect("workload");
         if i == 150 {
             // Stopped in the middle of the stream, the view picks up where it left off.
             view.stop().expect("clean stop");
-            view = RunningView::start("videos", &view_config(VIEW), log.clone(), dir.path());
+            view = RunningView::start("videos", &view_config(VIEW), log.clone(), dir);
         }
     }
     src.wait_flushed(&pg, "app");

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use polylog_testkit::TempDir;
 
+mod kafka;
 mod load;
 
 fn polylog(dir: &Path) -> Command {
