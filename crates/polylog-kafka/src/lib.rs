@@ -123,6 +123,9 @@ pub struct KafkaLog {
     /// Partition counts seen, so that appends do not ask the cluster every time (a count only
     /// grows; an unknown partition is checked again against fresh metadata).
     partition_counts: Mutex<BTreeMap<String, u32>>,
+    /// Topic settings read from the cluster (they change only through an admin), so that
+    /// `describe_topic`, which callers use for offsets every second, asks once per topic.
+    configs: Mutex<BTreeMap<String, TopicConfig>>,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -149,6 +152,7 @@ impl KafkaLog {
             meta,
             groups: Mutex::new(BTreeMap::new()),
             partition_counts: Mutex::new(BTreeMap::new()),
+            configs: Mutex::new(BTreeMap::new()),
         };
         // Fail now, with the cause, when the cluster cannot be reached.
         log.meta.fetch_metadata(None, log.opts.timeout).map_err(|e| {
@@ -234,12 +238,9 @@ impl Log for KafkaLog {
         .set("cleanup.policy", if config.compacted { "compact" } else { "delete" })
         .set("segment.bytes", &segment_bytes)
         .set("delete.retention.ms", &tombstones);
-        if let Some(v) = &retention_ms {
-            t = t.set("retention.ms", v);
-        }
-        if let Some(v) = &retention_bytes {
-            t = t.set("retention.bytes", v);
-        }
+        // No retention means keep forever, as on the embedded log (not Kafka's 7 days).
+        t = t.set("retention.ms", retention_ms.as_deref().unwrap_or("-1"));
+        t = t.set("retention.bytes", retention_bytes.as_deref().unwrap_or("-1"));
         let opts = AdminOptions::new().operation_timeout(Some(self.opts.timeout));
         let results =
             futures_executor::block_on(self.admin.create_topics([&t], &opts)).map_err(kafka)?;
@@ -422,7 +423,15 @@ impl Log for KafkaLog {
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(at as i64))
             .map_err(kafka)?;
         consumer.assign(&tpl).map_err(kafka)?;
-        Ok(Box::new(KafkaReader { consumer, topic: topic.to_string(), partition, next: at }))
+        Ok(Box::new(KafkaReader {
+            consumer,
+            topic: topic.to_string(),
+            partition,
+            next: at,
+            low: lo,
+            from: at,
+            verified: at <= lo,
+        }))
     }
 
     fn commit_offsets(&self, group: &str, offsets: &[(String, u32, u64)]) -> Result<()> {
@@ -451,9 +460,8 @@ impl Log for KafkaLog {
                 "heartbeat.interval.ms",
                 (self.opts.session_timeout.as_millis() / 5).max(100).to_string(),
             )
-            // Members never read: a small fetch when one slips through before the pause.
-            .set("fetch.max.bytes", "1024")
-            .set("max.partition.fetch.bytes", "1024")
+            // Members never read: little is queued if a fetch slips in before the pause.
+            .set("queued.max.messages.kbytes", "64")
             .create_with_context(Membership { state: Arc::clone(&state) })
             .map_err(kafka)?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -482,15 +490,44 @@ impl Log for KafkaLog {
 impl KafkaLog {
     /// The topic's settings as the cluster reports them (what it does not report keeps the
     /// log's defaults).
+    ///
+    /// Nothing Polylog does depends on them (they are shown by `topics describe`), so a cluster
+    /// that refuses to say (no DescribeConfigs permission) gets a warning, once, and the log's
+    /// defaults are shown.
     fn topic_config(&self, name: &str, partitions: u32) -> TopicConfig {
-        let mut c = TopicConfig::new(partitions);
+        let cached = self.configs.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
+        let c = match cached {
+            Some(c) => c,
+            None => {
+                let c = self.read_topic_config(name).unwrap_or_else(|e| {
+                    eprintln!("polylog: {e}; showing the defaults for its settings");
+                    TopicConfig::new(partitions)
+                });
+                self.configs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_string(), c.clone());
+                c
+            }
+        };
+        TopicConfig { partitions, ..c }
+    }
+
+    fn read_topic_config(&self, name: &str) -> Result<TopicConfig> {
+        let mut c = TopicConfig::new(1);
         let opts = AdminOptions::new().request_timeout(Some(self.opts.timeout));
         let spec = ResourceSpecifier::Topic(name);
-        let Ok(results) = futures_executor::block_on(self.admin.describe_configs([&spec], &opts))
-        else {
-            return c;
+        let results = futures_executor::block_on(self.admin.describe_configs([&spec], &opts))
+            .map_err(|e| LogError::Backend(format!("reading the settings of topic {name}: {e}")))?;
+        let res = match results.into_iter().next() {
+            Some(Ok(res)) => res,
+            Some(Err(code)) => {
+                return Err(LogError::Backend(format!(
+                    "reading the settings of topic {name}: {code}"
+                )))
+            }
+            None => return Err(LogError::Backend(format!("no settings for topic {name}"))),
         };
-        let Some(Ok(res)) = results.into_iter().next() else { return c };
         let value = |k: &str| res.get(k).and_then(|e| e.value.as_deref());
         let number = |k: &str| value(k).and_then(|v| v.parse::<i64>().ok());
         c.compacted = value("cleanup.policy").is_some_and(|v| v.contains("compact"));
@@ -502,7 +539,7 @@ impl KafkaLog {
         if let Some(v) = number("delete.retention.ms").filter(|v| *v >= 0) {
             c.tombstone_retention_ms = v as u64;
         }
-        c
+        Ok(c)
     }
 
     fn done_wait<'a>(
@@ -530,7 +567,7 @@ impl ClientContext for Membership {}
 
 impl ConsumerContext for Membership {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(_) = rebalance {
+        if let Rebalance::Revoke(_) | Rebalance::Error(_) = rebalance {
             *self.state.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
@@ -573,6 +610,28 @@ struct KafkaReader {
     topic: String,
     partition: u32,
     next: u64,
+    /// The partition's first offset when the reader was made.
+    low: u64,
+    /// Where the consumer was told to start.
+    from: u64,
+    /// Whether the first record read is known to be the first at or after the start. Kafka
+    /// answers a fetch from inside a record batch with that whole batch (the client drops
+    /// what is below the offset); some Kafka-protocol brokers (tansu 0.6) answer with the next
+    /// batch instead, which would skip records. A first record past the start, with records
+    /// before the start on the partition, makes the reader start earlier and drop what is
+    /// below the offset asked for.
+    verified: bool,
+}
+
+impl KafkaReader {
+    fn start_at(&mut self, from: u64) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, self.partition as i32, Offset::Offset(from as i64))
+            .map_err(kafka)?;
+        self.consumer.assign(&tpl).map_err(kafka)?;
+        self.from = from;
+        Ok(())
+    }
 }
 
 fn stored(m: &BorrowedMessage<'_>, partition: u32) -> StoredRecord {
@@ -608,6 +667,18 @@ impl LogReader for KafkaReader {
                 None => break,
                 Some(Ok(m)) => {
                     let r = stored(&m, self.partition);
+                    drop(m);
+                    if r.offset < self.next {
+                        continue; // below the start: from a batch read whole
+                    }
+                    if !self.verified {
+                        if r.offset > self.next && self.from > self.low {
+                            let back = (self.next - self.from).max(128) * 4;
+                            self.start_at(self.next.saturating_sub(back).max(self.low))?;
+                            continue;
+                        }
+                        self.verified = true;
+                    }
                     self.next = r.offset + 1;
                     out.push(r);
                 }

@@ -284,8 +284,17 @@ impl Sink {
             for item in &batch {
                 ends.insert((item.topic.clone(), item.record.partition), item.record.offset + 1);
             }
-            let offsets: Vec<(String, u32, u64)> =
+            let mut offsets: Vec<(String, u32, u64)> =
                 ends.into_iter().map(|((t, p), o)| (t, p, o)).collect();
+            if let Some(sh) = share.as_mut() {
+                // The write may have outlasted this process's hold on some partitions: their
+                // offsets are the new owner's to commit (what was written again is absorbed
+                // by the target's versioning).
+                sh.asked = None;
+                self.share_poll(sh, &mut inputs, &mut refreshed)?;
+                let owned = sh.owned.clone().unwrap_or_default();
+                offsets.retain(|(t, p, _)| owned.contains(&(t.clone(), *p)));
+            }
             self.log.commit_offsets(&self.group(), &offsets)?;
             let n = batch.len() as u64;
             let dead = self.dead_letters.load(Ordering::SeqCst);

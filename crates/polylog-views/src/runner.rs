@@ -371,6 +371,8 @@ struct Worker<'v> {
     member: Option<Box<dyn GroupMember>>,
     owned: Option<BTreeSet<u32>>,
     member_checked: Option<Instant>,
+    /// Input records not yet applied, when last measured.
+    lag: Option<u64>,
 }
 
 impl<'v> Worker<'v> {
@@ -417,14 +419,10 @@ impl<'v> Worker<'v> {
             transaction_first: false,
             saved: offsets,
             member: None,
-            owned: None,
+            owned: view.opts.share.then(BTreeSet::new),
             member_checked: None,
+            lag: None,
         };
-        if view.opts.share {
-            let group = format!("polylog.view.{}", view.spec.name);
-            w.member = Some(log.join_group(&group, std::slice::from_ref(&w.out_topic))?);
-            w.owned = Some(BTreeSet::new());
-        }
         w.attach_feeds()?;
         Ok(w)
     }
@@ -719,10 +717,27 @@ impl<'v> Worker<'v> {
     /// took over. `false` while the group rebalances: nothing may be applied until it is done,
     /// or documents of partitions changing hands could be emitted by nobody.
     fn check_membership(&mut self, t: &mut StateTable<'_>) -> Result<bool, ViewError> {
-        let Some(member) = self.member.as_mut() else { return Ok(true) };
-        if self.member_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(200)) {
+        if !self.view.opts.share
+            || self.member_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(200))
+        {
             return Ok(true);
         }
+        if self.member.is_none() {
+            // Join once caught up: a process taking partitions over writes its documents,
+            // which must not be those of a state still replaying old changes.
+            if self.lag != Some(0) {
+                self.member_checked = Some(Instant::now());
+                return Ok(true);
+            }
+            let group = format!("polylog.view.{}", self.view.spec.name);
+            let topics = std::slice::from_ref(&self.out_topic);
+            self.member = Some(self.view.log.join_group(&group, topics)?);
+        }
+        // Nothing buffered may reach the output after this process lets a partition go: the
+        // next owner's documents must come last.
+        self.flush_output()?;
+        self.wait_output_durable()?;
+        let Some(member) = self.member.as_mut() else { return Ok(true) };
         let owned = member.owned(&*self.view.log)?;
         let Some(owned) = owned else {
             self.member_checked = None;
@@ -822,12 +837,13 @@ impl<'v> Worker<'v> {
         Ok(())
     }
 
-    fn update_lag(&self) -> Result<(), ViewError> {
+    fn update_lag(&mut self) -> Result<(), ViewError> {
         let mut lag = 0;
         for i in &self.inputs {
             let end = self.view.log.durable_offset(&i.topic, i.partition)?;
             lag += end.saturating_sub(i.applied);
         }
+        self.lag = Some(lag);
         self.view.set_status(|s| s.lag = lag);
         Ok(())
     }

@@ -386,7 +386,11 @@ impl Config {
             bail!("`log.brokers`: backend = \"kafka\" needs brokers = \"host:9092,...\"");
         };
         let mut o = polylog_kafka::KafkaOptions::new(brokers);
-        o.replication_factor = l.replication_factor.map_or(-1, i32::from);
+        o.replication_factor = match l.replication_factor {
+            None => -1,
+            Some(n @ 1..=32767) => i32::from(n),
+            Some(n) => bail!("`log.replication_factor`: {n} is not between 1 and 32767"),
+        };
         let tls = l.tls || l.tls_ca.is_some() || l.tls_cert.is_some() || l.tls_key.is_some();
         if l.tls_cert.is_some() != l.tls_key.is_some() {
             bail!("`log.tls_cert` and `log.tls_key`: a client certificate needs both");
@@ -426,8 +430,11 @@ impl Config {
         let path = |key: &str, p: &Option<PathBuf>| -> anyhow::Result<Option<String>> {
             match p {
                 None => Ok(None),
-                Some(p) if p.is_file() => Ok(Some(p.to_string_lossy().into_owned())),
-                Some(p) => bail!("`log.{key}`: {} is not a readable file", p.display()),
+                Some(p) => match std::fs::File::open(p) {
+                    Ok(_) if p.is_file() => Ok(Some(p.to_string_lossy().into_owned())),
+                    Ok(_) => bail!("`log.{key}`: {} is not a file", p.display()),
+                    Err(e) => bail!("`log.{key}`: cannot read {}: {e}", p.display()),
+                },
             }
         };
         for (key, setting, p) in [

@@ -12,6 +12,7 @@ fn connect(broker: &KafkaBroker) -> KafkaLog {
     let mut o = KafkaOptions::new(&broker.brokers());
     o.replication_factor = 1;
     o.timeout = Duration::from_secs(20);
+    o.session_timeout = Duration::from_secs(6);
     KafkaLog::connect(o).unwrap()
 }
 
@@ -41,6 +42,14 @@ fn topics_are_created_with_partitions_and_cleanup_policy() {
     let d = log.describe_topic("app.public.videos").unwrap();
     assert_eq!(d.partitions.len(), 2);
     assert!(!d.config.compacted);
+    assert_eq!(
+        d.config.retention_ms, None,
+        "kept forever unless configured, as on the embedded log"
+    );
+    let mut c = TopicConfig::new(1);
+    c.retention_ms = Some(3_600_000);
+    log.create_topic("events", &c).unwrap();
+    assert_eq!(log.describe_topic("events").unwrap().config.retention_ms, Some(3_600_000));
     assert!(matches!(
         log.create_topic("views.videos", &TopicConfig::new(3)),
         Err(LogError::TopicExists(_))
@@ -117,5 +126,42 @@ fn a_standard_client_reads_what_polylog_wrote() {
         assert_eq!(line["value"], format!("{{\"n\":{i}}}"));
         assert_eq!(line["offset"], i as u64);
         assert_eq!(line["headers"], serde_json::json!([["h", "x"]]));
+    }
+}
+
+/// Members of one group split the partitions and the survivor gets all of them when another
+/// leaves; while the group rebalances a member owns nothing.
+#[test]
+fn group_members_split_partitions_and_take_over() {
+    let broker = KafkaBroker::start().unwrap();
+    let (a, b) = (connect(&broker), connect(&broker));
+    a.create_topic("out", &TopicConfig::new(4)).unwrap();
+    let topics = ["out".to_string()];
+    let mut ma = a.join_group("g.members", &topics).unwrap();
+    let mut mb = b.join_group("g.members", &topics).unwrap();
+    let all: std::collections::BTreeSet<(String, u32)> =
+        (0..4).map(|p| ("out".to_string(), p)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (oa, ob) = (ma.owned(&a).unwrap(), mb.owned(&b).unwrap());
+        if let (Some(oa), Some(ob)) = (&oa, &ob) {
+            if oa.len() == 2 && ob.len() == 2 {
+                assert!(oa.is_disjoint(ob), "{oa:?} / {ob:?}");
+                assert_eq!(oa.union(ob).cloned().collect::<std::collections::BTreeSet<_>>(), all);
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "never split: {oa:?} / {ob:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(ma);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ob = mb.owned(&b).unwrap();
+        if ob.as_ref() == Some(&all) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the survivor never took over: {ob:?}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
