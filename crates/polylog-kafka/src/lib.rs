@@ -126,6 +126,10 @@ pub struct KafkaLog {
     /// Topic settings read from the cluster (they change only through an admin), so that
     /// `describe_topic`, which callers use for offsets every second, asks once per topic.
     configs: Mutex<BTreeMap<String, TopicConfig>>,
+    /// The end of what this process's appends had acknowledged, by partition: a floor for
+    /// the end the cluster reports (some Kafka-protocol brokers, tansu 0.6, report the last
+    /// batch's first offset + 1 as the high watermark).
+    acked: Mutex<BTreeMap<(String, u32), u64>>,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -153,9 +157,11 @@ impl KafkaLog {
             groups: Mutex::new(BTreeMap::new()),
             partition_counts: Mutex::new(BTreeMap::new()),
             configs: Mutex::new(BTreeMap::new()),
+            acked: Mutex::new(BTreeMap::new()),
         };
         // Fail now, with the cause, when the cluster cannot be reached.
-        log.meta.fetch_metadata(None, log.opts.timeout).map_err(|e| {
+        let probe = log.opts.timeout.min(Duration::from_secs(10));
+        log.meta.fetch_metadata(None, probe).map_err(|e| {
             LogError::Backend(format!(
                 "cannot reach the Kafka cluster at {}: {e}",
                 log.opts.brokers
@@ -194,6 +200,12 @@ impl KafkaLog {
             });
         }
         Ok(())
+    }
+
+    /// `hi` raised to what this process's own appends had acknowledged.
+    fn floored(&self, topic: &str, partition: u32, hi: u64) -> u64 {
+        let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        hi.max(acked.get(&(topic.to_string(), partition)).copied().unwrap_or(0))
     }
 
     fn watermarks(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
@@ -283,6 +295,7 @@ impl Log for KafkaLog {
         let mut partitions = Vec::new();
         for p in 0..n {
             let (lo, hi) = self.watermarks(name, p)?;
+            let hi = self.floored(name, p, hi);
             partitions.push(PartitionDescription {
                 partition: p,
                 start_offset: lo,
@@ -354,6 +367,10 @@ impl Log for KafkaLog {
         }
         match (st.first, st.last) {
             (Some(f), Some(l)) => {
+                let end = l as u64 + 1;
+                let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+                let e = acked.entry((topic.to_string(), partition)).or_insert(0);
+                *e = (*e).max(end);
                 Ok(Appended { partition, base_offset: f as u64, last_offset: l as u64 })
             }
             _ => Err(LogError::Backend("Kafka reported no offsets".into())),
@@ -362,7 +379,8 @@ impl Log for KafkaLog {
 
     fn durable_offset(&self, topic: &str, partition: u32) -> Result<u64> {
         self.check_partition(topic, partition)?;
-        Ok(self.watermarks(topic, partition)?.1)
+        let hi = self.watermarks(topic, partition)?.1;
+        Ok(self.floored(topic, partition, hi))
     }
 
     fn wait_durable(
@@ -431,6 +449,7 @@ impl Log for KafkaLog {
             low: lo,
             from: at,
             verified: at <= lo,
+            started: Instant::now(),
         }))
     }
 
@@ -614,13 +633,16 @@ struct KafkaReader {
     low: u64,
     /// Where the consumer was told to start.
     from: u64,
-    /// Whether the first record read is known to be the first at or after the start. Kafka
-    /// answers a fetch from inside a record batch with that whole batch (the client drops
-    /// what is below the offset); some Kafka-protocol brokers (tansu 0.6) answer with the next
-    /// batch instead, which would skip records. A first record past the start, with records
-    /// before the start on the partition, makes the reader start earlier and drop what is
-    /// below the offset asked for.
+    /// Whether the reader is known to see every record from its start on. Kafka answers a
+    /// fetch from inside a record batch with that whole batch (the client drops what is below
+    /// the offset); some Kafka-protocol brokers (tansu 0.6) answer with the next batch
+    /// instead, which would skip records. A first record past the start, or none at all for
+    /// a while, makes a reader whose start is not the partition's first offset start
+    /// earlier and drop what is below the offset asked for; a record below it shows the
+    /// reader is reading from before its start.
     verified: bool,
+    /// When the consumer was last told where to start.
+    started: Instant,
 }
 
 impl KafkaReader {
@@ -630,7 +652,14 @@ impl KafkaReader {
             .map_err(kafka)?;
         self.consumer.assign(&tpl).map_err(kafka)?;
         self.from = from;
+        self.started = Instant::now();
         Ok(())
+    }
+
+    /// Starts earlier than the last start, when the broker may have skipped records.
+    fn back_off(&mut self) -> Result<()> {
+        let back = (self.next - self.from.min(self.next)).max(128) * 4;
+        self.start_at(self.next.saturating_sub(back).max(self.low))
     }
 }
 
@@ -664,21 +693,26 @@ impl LogReader for KafkaReader {
                 Duration::ZERO
             };
             match self.consumer.poll(wait) {
-                None => break,
+                None => {
+                    let quiet = self.started.elapsed() >= Duration::from_millis(500);
+                    if !self.verified && self.from > self.low && quiet {
+                        self.back_off()?;
+                    }
+                    break;
+                }
                 Some(Ok(m)) => {
                     let r = stored(&m, self.partition);
                     drop(m);
                     if r.offset < self.next {
-                        continue; // below the start: from a batch read whole
-                    }
-                    if !self.verified {
-                        if r.offset > self.next && self.from > self.low {
-                            let back = (self.next - self.from).max(128) * 4;
-                            self.start_at(self.next.saturating_sub(back).max(self.low))?;
-                            continue;
-                        }
+                        // Below the start: from a batch read whole, or an earlier start.
                         self.verified = true;
+                        continue;
                     }
+                    if !self.verified && r.offset > self.next && self.from > self.low {
+                        self.back_off()?;
+                        continue;
+                    }
+                    self.verified = true;
                     self.next = r.offset + 1;
                     out.push(r);
                 }

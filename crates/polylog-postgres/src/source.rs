@@ -1181,8 +1181,26 @@ impl<'a> Streamer<'a> {
         let end = self.src.log.durable_offset(topic, p)?;
         let mut pos = Position::default();
         if end > 0 {
+            // Read to the end: a Kafka reader fetches over the network (nothing is there at
+            // once), and a cluster may report an end below what it holds; the last record
+            // read carries the position.
             let mut r = self.src.log.reader(topic, p, StartAt::Offset(end - 1))?;
-            if let Some(rec) = r.poll(1, Duration::ZERO)?.pop() {
+            let deadline = Instant::now() + DURABLE_TIMEOUT;
+            loop {
+                let wait = if r.position() < end {
+                    deadline.saturating_duration_since(Instant::now())
+                } else {
+                    Duration::ZERO
+                };
+                let got = r.poll(1000, wait)?;
+                let Some(rec) = got.last() else {
+                    if r.position() < end {
+                        return Err(SourceError::Log(polylog_log::LogError::Timeout(
+                            DURABLE_TIMEOUT,
+                        )));
+                    }
+                    break;
+                };
                 pos = Position::from_headers(&rec.headers).unwrap_or_default();
             }
         }

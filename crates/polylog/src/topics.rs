@@ -189,6 +189,9 @@ fn create(config: &Config, a: &CreateArgs) -> anyhow::Result<()> {
 
 pub use polylog_sinks::file::record_json;
 
+/// How long `tail` waits for records a partition is known to hold.
+const TAIL_WAIT: Duration = Duration::from_secs(10);
+
 fn tail(config: &Config, a: &TailArgs) -> anyhow::Result<()> {
     let log = crate::open_log_read_only(config)?;
     let d = log.describe_topic(&a.topic)?;
@@ -222,7 +225,9 @@ fn tail(config: &Config, a: &TailArgs) -> anyhow::Result<()> {
             if !a.follow && r.position() >= ends[i] {
                 continue;
             }
-            for rec in r.poll(1000, Duration::ZERO)? {
+            // A Kafka reader fetches over the network: wait for what is known to be there.
+            let wait = if a.follow { Duration::ZERO } else { TAIL_WAIT };
+            for rec in r.poll(1000, wait)? {
                 if !a.follow && rec.offset >= ends[i] {
                     break;
                 }

@@ -89,7 +89,22 @@ fn appends_are_read_back_in_order_with_their_offsets() {
     let mut from = log.reader("t", 1, StartAt::Offset(990)).unwrap();
     let got = from.poll(5, Duration::from_secs(10)).unwrap();
     assert_eq!(got.first().map(|r| r.offset), Some(990));
-    assert_eq!(log.durable_offset("t", 0).unwrap(), 0);
+
+    // From inside the last batch, with nothing after it: the rest of the batch.
+    log.append("t", 0, &(0..10).map(|i| Record::new("k", format!("{i}"))).collect::<Vec<_>>())
+        .unwrap();
+    let mut tail = log.reader("t", 0, StartAt::Offset(6)).unwrap();
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while got.len() < 4 && std::time::Instant::now() < deadline {
+        got.extend(
+            tail.poll(10, Duration::from_millis(200)).unwrap().into_iter().map(|r| r.offset),
+        );
+    }
+    assert_eq!(got, [6, 7, 8, 9]);
+    log.append("t", 0, &[Record::new("k", "10")]).unwrap();
+    let next = tail.poll(10, Duration::from_secs(10)).unwrap();
+    assert_eq!(next.iter().map(|r| r.offset).collect::<Vec<_>>(), [10]);
 
     log.commit_offsets("g", &[("t".into(), 1, 990)]).unwrap();
     assert_eq!(log.committed_offsets("g", "t").unwrap().get(&1), Some(&990));

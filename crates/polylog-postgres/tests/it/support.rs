@@ -117,9 +117,15 @@ pub fn read_topic(log: &dyn Log, topic: &str) -> Vec<Event> {
     let mut out = Vec::new();
     for p in &d.partitions {
         let mut r = log.reader(topic, p.partition, StartAt::Beginning).expect("reader");
-        while r.position() < p.durable_offset {
-            // Durable records are there at once in the embedded log; a Kafka reader fetches.
-            let got = r.poll(10_000, Duration::from_secs(10)).expect("poll");
+        loop {
+            // Durable records are there at once in the embedded log; a Kafka reader fetches
+            // (and records past an end reported short come with the last batch).
+            let wait = if r.position() < p.durable_offset {
+                Duration::from_secs(10)
+            } else {
+                Duration::ZERO
+            };
+            let got = r.poll(10_000, wait).expect("poll");
             if got.is_empty() {
                 break;
             }
