@@ -687,10 +687,13 @@ impl LogReader for KafkaReader {
         let mut out = Vec::new();
         let deadline = Instant::now() + timeout;
         while out.len() < max_records.max(1) {
-            let wait = if out.is_empty() {
-                deadline.saturating_duration_since(Instant::now())
-            } else {
+            let wait = if !out.is_empty() {
                 Duration::ZERO
+            } else if !self.verified {
+                // Look again soon: the broker may have skipped what was asked for.
+                deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100))
+            } else {
+                deadline.saturating_duration_since(Instant::now())
             };
             match self.consumer.poll(wait) {
                 None => {
@@ -698,7 +701,10 @@ impl LogReader for KafkaReader {
                     if !self.verified && self.from > self.low && quiet {
                         self.back_off()?;
                     }
-                    break;
+                    if !out.is_empty() || Instant::now() >= deadline {
+                        break;
+                    }
+                    continue;
                 }
                 Some(Ok(m)) => {
                     let r = stored(&m, self.partition);

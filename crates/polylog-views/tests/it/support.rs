@@ -259,12 +259,20 @@ impl RunningSource {
     pub fn wait_flushed(&self, pg: &polylog_testkit::PgCluster, db: &str) {
         let now = pg.psql(db, "SELECT pg_current_wal_lsn()").expect("lsn");
         let target = polylog_postgres::pgoutput::parse_lsn(&now).expect("an LSN");
-        eventually(120, "the source to store everything", || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
             let st = self.source.status.lock().expect("status").clone();
             assert!(st.state != "failed", "the source failed: {:?}", st.last_error);
             let flushed = st.flushed_lsn.as_deref().and_then(polylog_postgres::pgoutput::parse_lsn);
-            (st.state == "streaming" && flushed >= Some(target)).then_some(())
-        });
+            if st.state == "streaming" && flushed >= Some(target) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for the source to store everything up to {now}: {st:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
