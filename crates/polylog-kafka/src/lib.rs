@@ -126,6 +126,7 @@ pub struct KafkaLog {
     /// Topic settings read from the cluster (they change only through an admin), so that
     /// `describe_topic`, which callers use for offsets every second, asks once per topic.
     configs: Mutex<BTreeMap<String, TopicConfig>>,
+    configs_refused: std::sync::atomic::AtomicBool,
     /// The end of what this process's appends had acknowledged, by partition: a floor for
     /// the end the cluster reports (some Kafka-protocol brokers, tansu 0.6, report the last
     /// batch's first offset + 1 as the high watermark).
@@ -157,6 +158,7 @@ impl KafkaLog {
             groups: Mutex::new(BTreeMap::new()),
             partition_counts: Mutex::new(BTreeMap::new()),
             configs: Mutex::new(BTreeMap::new()),
+            configs_refused: std::sync::atomic::AtomicBool::new(false),
             acked: Mutex::new(BTreeMap::new()),
         };
         // Fail now, with the cause, when the cluster cannot be reached.
@@ -518,10 +520,18 @@ impl KafkaLog {
         let c = match cached {
             Some(c) => c,
             None => {
-                let c = self.read_topic_config(name).unwrap_or_else(|e| {
-                    eprintln!("polylog: {e}; showing the defaults for its settings");
-                    TopicConfig::new(partitions)
-                });
+                // A cluster that did not answer once is not asked again.
+                let refused = self.configs_refused.load(std::sync::atomic::Ordering::Relaxed);
+                let read = if refused { None } else { Some(self.read_topic_config(name)) };
+                let c = match read {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => {
+                        self.configs_refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                        eprintln!("polylog: {e}; topic settings are shown as the defaults");
+                        TopicConfig::new(partitions)
+                    }
+                    None => TopicConfig::new(partitions),
+                };
                 self.configs
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -534,7 +544,8 @@ impl KafkaLog {
 
     fn read_topic_config(&self, name: &str) -> Result<TopicConfig> {
         let mut c = TopicConfig::new(1);
-        let opts = AdminOptions::new().request_timeout(Some(self.opts.timeout));
+        let wait = self.opts.timeout.min(Duration::from_secs(5));
+        let opts = AdminOptions::new().request_timeout(Some(wait));
         let spec = ResourceSpecifier::Topic(name);
         let results = futures_executor::block_on(self.admin.describe_configs([&spec], &opts))
             .map_err(|e| LogError::Backend(format!("reading the settings of topic {name}: {e}")))?;

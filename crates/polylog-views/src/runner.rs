@@ -180,8 +180,13 @@ impl View {
         let out_topic = self.spec.output_topic();
         let root_partitions = self.log.describe_topic(&self.spec.nodes[0].topic)?.partitions.len();
         let config = TopicConfig::new(root_partitions.max(1) as u32).compacted();
-        match self.log.create_topic(&out_topic, &config) {
-            Ok(()) | Err(LogError::TopicExists(_)) => {}
+        // Created only when missing: a cluster may let the view write a topic it may not create.
+        match self.log.describe_topic(&out_topic) {
+            Ok(_) => {}
+            Err(LogError::UnknownTopic(_)) => match self.log.create_topic(&out_topic, &config) {
+                Ok(()) | Err(LogError::TopicExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            },
             Err(e) => return Err(e.into()),
         }
         let out_partitions = self.log.describe_topic(&out_topic)?.partitions.len().max(1) as u32;

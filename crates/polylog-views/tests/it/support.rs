@@ -130,6 +130,11 @@ impl FakeSource {
         FakeSource { log, prefix: prefix.to_string(), partitions, lsn: 1000 }
     }
 
+    /// Over topics that exist already (a cluster that does not create topics on request).
+    pub fn existing(log: Arc<dyn Log>, prefix: &str, partitions: u32) -> FakeSource {
+        FakeSource { log, prefix: prefix.to_string(), partitions, lsn: 1000 }
+    }
+
     /// The records of one transaction, by topic and partition, and its END record.
     pub fn transaction(
         &mut self,
