@@ -551,7 +551,7 @@ while got < n and time.time() < deadline:
         continue
     if m.error():
         raise SystemExit("consumer error: %s" % m.error())
-    dec = lambda b: None if b is None else b.decode()
+    dec = lambda b: None if b is None else b.decode("utf-8", "backslashreplace")
     print(json.dumps({"key": dec(m.key()), "value": dec(m.value()), "offset": m.offset(),
                       "partition": m.partition(),
                       "headers": [[k, dec(v)] for k, v in (m.headers() or [])]}))

@@ -219,25 +219,29 @@ fn tail(config: &Config, a: &TailArgs) -> anyhow::Result<()> {
     let ends: Vec<u64> =
         partitions.iter().map(|&p| d.partitions[p as usize].durable_offset).collect();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    // Without --follow, a partition is read to the end it had at the start, and what came
+    // with the last read (a Kafka fetch brings whole batches; some brokers report an end
+    // inside the last one).
+    let mut done = vec![false; readers.len()];
     loop {
         let mut any = false;
         for (i, r) in readers.iter_mut().enumerate() {
-            if !a.follow && r.position() >= ends[i] {
+            if done[i] {
                 continue;
             }
             // A Kafka reader fetches over the network: wait for what is known to be there.
-            let wait = if a.follow { Duration::ZERO } else { TAIL_WAIT };
-            for rec in r.poll(1000, wait)? {
-                if !a.follow && rec.offset >= ends[i] {
-                    break;
-                }
+            let wait = if !a.follow && r.position() < ends[i] { TAIL_WAIT } else { Duration::ZERO };
+            let got = r.poll(1000, wait)?;
+            if !a.follow && (got.is_empty() || r.position() >= ends[i]) {
+                done[i] = got.is_empty() || wait.is_zero();
+            }
+            for rec in got {
                 any = true;
                 serde_json::to_writer(&mut out, &record_json(&a.topic, &rec))?;
                 out.write_all(b"\n")?;
             }
         }
-        let done = readers.iter().zip(&ends).all(|(r, &end)| r.position() >= end);
-        if !a.follow && (done || !any) {
+        if !a.follow && done.iter().all(|d| *d) {
             break;
         }
         if !any {
