@@ -11,7 +11,7 @@ use polylog_log::{EmbeddedLog, FsyncPolicy, Log, LogOptions, Record, StartAt, To
 
 use crate::{Opts, ScratchDir};
 
-const RECORD_BYTES: usize = 200;
+pub const RECORD_BYTES: usize = 200;
 const KEY_BYTES: usize = 16;
 /// Distinct batches cycled through, so memory stays small whatever the record count.
 const POOL_BATCHES: usize = 16;
@@ -33,7 +33,8 @@ impl Measured {
     }
 }
 
-fn pool(batch: usize) -> Vec<Vec<Record>> {
+/// Distinct batches of `batch` random 200-byte records (16-byte keys).
+pub fn pool(batch: usize) -> Vec<Vec<Record>> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut byte = move || {
         x ^= x << 13;

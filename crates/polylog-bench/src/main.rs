@@ -85,7 +85,7 @@ const SCENARIOS: &[(&str, &str)] = &[
         "kafka_produce",
         "records/s appending batches through the Kafka backend, vs a bare rdkafka producer loop \
          acknowledging the same batches, on a tansu broker it starts (options: --records N, \
-         --batch N, --partitions N)",
+         --batch N, --partitions N, --appenders N)",
     ),
     (
         "view_join",

@@ -141,11 +141,16 @@ impl std::fmt::Debug for KafkaLog {
 
 impl KafkaLog {
     pub fn connect(opts: KafkaOptions) -> Result<KafkaLog> {
-        let producer = opts
-            .client()
+        // An append waits for its acknowledgement, so lingering only adds latency: the batch
+        // is sent at once (the user's settings may say otherwise).
+        let mut producer = ClientConfig::new();
+        producer.set("linger.ms", "0");
+        for (k, v) in opts.client().config_map().iter() {
+            producer.set(*k, *v);
+        }
+        let producer = producer
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
             .create_with_context(Deliveries)
             .map_err(kafka)?;
         let admin = opts.client().create().map_err(kafka)?;
