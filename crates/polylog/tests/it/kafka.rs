@@ -11,7 +11,8 @@ use crate::{fails, lines, ok, polylog, run_cmd};
 
 fn kafka_config(broker: &KafkaBroker, rest: &str) -> String {
     format!(
-        "[log]\nbackend = \"kafka\"\nbrokers = \"{}\"\nreplication_factor = 1\npartitions = 2\n{rest}",
+        // No replication_factor: topics get the cluster's default (replication factor -1).
+        "[log]\nbackend = \"kafka\"\nbrokers = \"{}\"\npartitions = 2\n{rest}",
         broker.brokers()
     )
 }
