@@ -127,10 +127,10 @@ pub struct KafkaLog {
     /// `describe_topic`, which callers use for offsets every second, asks once per topic.
     configs: Mutex<BTreeMap<String, TopicConfig>>,
     configs_refused: std::sync::atomic::AtomicBool,
-    /// The end of what this process's appends had acknowledged, by partition: a floor for
-    /// the end the cluster reports (some Kafka-protocol brokers, tansu 0.6, report the last
-    /// batch's first offset + 1 as the high watermark).
-    acked: Mutex<BTreeMap<(String, u32), u64>>,
+    /// This process's last acknowledged batch per partition (first offset, end): some
+    /// Kafka-protocol brokers (tansu 0.6) report a high watermark of the last batch's first
+    /// offset + 1; an end reported inside our own last batch is raised to its end.
+    acked: Mutex<BTreeMap<(String, u32), (u64, u64)>>,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -209,10 +209,14 @@ impl KafkaLog {
         Ok(())
     }
 
-    /// `hi` raised to what this process's own appends had acknowledged.
+    /// `hi`, or the end of this process's last acknowledged batch when `hi` falls inside it
+    /// (anything else, a recreated topic say, is the cluster's word).
     fn floored(&self, topic: &str, partition: u32, hi: u64) -> u64 {
         let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
-        hi.max(acked.get(&(topic.to_string(), partition)).copied().unwrap_or(0))
+        match acked.get(&(topic.to_string(), partition)) {
+            Some(&(base, end)) if hi > base && hi < end => end,
+            _ => hi,
+        }
     }
 
     fn watermarks(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
@@ -374,10 +378,8 @@ impl Log for KafkaLog {
         }
         match (st.first, st.last) {
             (Some(f), Some(l)) => {
-                let end = l as u64 + 1;
                 let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
-                let e = acked.entry((topic.to_string(), partition)).or_insert(0);
-                *e = (*e).max(end);
+                acked.insert((topic.to_string(), partition), (f as u64, l as u64 + 1));
                 Ok(Appended { partition, base_offset: f as u64, last_offset: l as u64 })
             }
             _ => Err(LogError::Backend("Kafka reported no offsets".into())),
@@ -728,10 +730,16 @@ impl LogReader for KafkaReader {
                     if r.offset < self.next {
                         // Below the start: from a batch read whole, or an earlier start.
                         self.verified = true;
+                        if Instant::now() >= deadline {
+                            break;
+                        }
                         continue;
                     }
                     if !self.verified && r.offset > self.next && self.from > self.low {
                         self.back_off()?;
+                        if Instant::now() >= deadline {
+                            break;
+                        }
                         continue;
                     }
                     self.verified = true;

@@ -376,8 +376,9 @@ struct Worker<'v> {
     member: Option<Box<dyn GroupMember>>,
     owned: Option<BTreeSet<u32>>,
     member_checked: Option<Instant>,
-    /// Input records not yet applied, when last measured.
-    lag: Option<u64>,
+    /// The inputs' ends when the view started: with `share`, it joins its group once it
+    /// has applied them.
+    join_at: Option<Vec<u64>>,
 }
 
 impl<'v> Worker<'v> {
@@ -426,7 +427,7 @@ impl<'v> Worker<'v> {
             member: None,
             owned: view.opts.share.then(BTreeSet::new),
             member_checked: None,
-            lag: None,
+            join_at: None,
         };
         w.attach_feeds()?;
         Ok(w)
@@ -728,9 +729,21 @@ impl<'v> Worker<'v> {
             return Ok(true);
         }
         if self.member.is_none() {
-            // Join once caught up: a process taking partitions over writes its documents,
-            // which must not be those of a state still replaying old changes.
-            if self.lag != Some(0) {
+            // Join once caught up with what the inputs held when the view started: a process
+            // taking partitions over writes its documents, which must not be those of a state
+            // still replaying old changes.
+            if self.join_at.is_none() {
+                let mut ends = Vec::with_capacity(self.inputs.len());
+                for i in &self.inputs {
+                    ends.push(self.view.log.durable_offset(&i.topic, i.partition)?);
+                }
+                self.join_at = Some(ends);
+            }
+            let caught_up = self
+                .join_at
+                .as_ref()
+                .is_some_and(|ends| self.inputs.iter().zip(ends).all(|(i, &end)| i.applied >= end));
+            if !caught_up {
                 self.member_checked = Some(Instant::now());
                 return Ok(true);
             }
@@ -842,13 +855,12 @@ impl<'v> Worker<'v> {
         Ok(())
     }
 
-    fn update_lag(&mut self) -> Result<(), ViewError> {
+    fn update_lag(&self) -> Result<(), ViewError> {
         let mut lag = 0;
         for i in &self.inputs {
             let end = self.view.log.durable_offset(&i.topic, i.partition)?;
             lag += end.saturating_sub(i.applied);
         }
-        self.lag = Some(lag);
         self.view.set_status(|s| s.lag = lag);
         Ok(())
     }
