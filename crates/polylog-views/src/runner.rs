@@ -694,14 +694,10 @@ impl<'v> Worker<'v> {
                     }
                     None => {
                         tombstones += 1;
-                        let mut t = Record::tombstone(key);
-                        // A tombstone has no `_version`: the header says which change it is.
-                        t.headers.push((VERSION_HEADER.into(), version.to_string().into_bytes()));
-                        t
+                        tombstone(key, version)
                     }
                 };
-                self.pending.entry(p).or_default().push(record);
-                self.pending_n += 1;
+                self.queue(p, record);
             }
             self.view.set_status(|s| {
                 s.documents += documents;
@@ -712,6 +708,12 @@ impl<'v> Worker<'v> {
             }
         }
         Ok(())
+    }
+
+    /// Adds a record to what the next flush appends to output partition `p`.
+    fn queue(&mut self, p: u32, record: Record) {
+        self.pending.entry(p).or_default().push(record);
+        self.pending_n += 1;
     }
 
     fn owns(&self, p: u32) -> bool {
@@ -791,19 +793,12 @@ impl<'v> Worker<'v> {
         loop {
             let (batch, next) = self.core.handover(t, &cursor, OUTPUT_BATCH, &mine)?;
             for h in batch {
-                let (p, record) = match h {
-                    Handover::Document(pk, doc) => {
-                        (partition_for_key(&pk, parts), Record::new(pk, doc))
-                    }
-                    Handover::Deleted(pk, version) => {
-                        let p = partition_for_key(&pk, parts);
-                        let mut r = Record::tombstone(pk);
-                        r.headers.push((VERSION_HEADER.into(), version.to_string().into_bytes()));
-                        (p, r)
-                    }
+                let record = match h {
+                    Handover::Document(pk, doc) => Record::new(pk, doc),
+                    Handover::Deleted(pk, version) => tombstone(pk, version),
                 };
-                self.pending.entry(p).or_default().push(record);
-                self.pending_n += 1;
+                let key = record.key.as_deref().unwrap_or_default();
+                self.queue(partition_for_key(key, parts), record);
                 written += 1;
             }
             if self.pending_n >= OUTPUT_BATCH {
@@ -864,6 +859,13 @@ impl<'v> Worker<'v> {
         self.view.set_status(|s| s.lag = lag);
         Ok(())
     }
+}
+
+/// A root's tombstone. It has no `_version`: a header says which change removed it.
+fn tombstone(key: Vec<u8>, version: u64) -> Record {
+    let mut t = Record::tombstone(key);
+    t.headers.push((VERSION_HEADER.into(), version.to_string().into_bytes()));
+    t
 }
 
 /// A transaction topic's END event: the commit LSN and the number of changes per table.

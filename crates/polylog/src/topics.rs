@@ -234,8 +234,9 @@ fn tail(config: &Config, a: &TailArgs) -> anyhow::Result<()> {
                 done[i] = true;
                 continue;
             }
-            // A Kafka reader fetches over the network: wait for what is known to be there.
-            let wait = if !a.follow && short { TAIL_WAIT } else { Duration::ZERO };
+            // A Kafka reader fetches over the network: wait for what is known to be there (the
+            // embedded log's durable records are there at once).
+            let wait = if !a.follow && short && !exact { TAIL_WAIT } else { Duration::ZERO };
             let got = r.poll(1000, wait)?;
             if !a.follow && got.is_empty() {
                 // (The embedded log may end in offsets compaction removed: nothing to wait for.)
