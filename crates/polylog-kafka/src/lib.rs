@@ -127,10 +127,13 @@ pub struct KafkaLog {
     /// `describe_topic`, which callers use for offsets every second, asks once per topic.
     configs: Mutex<BTreeMap<String, TopicConfig>>,
     configs_refused: std::sync::atomic::AtomicBool,
-    /// This process's last acknowledged batch per partition (first offset, end): some
-    /// Kafka-protocol brokers (tansu 0.6) report a high watermark of the last batch's first
-    /// offset + 1; an end reported inside our own last batch is raised to its end.
-    acked: Mutex<BTreeMap<(String, u32), (u64, u64)>>,
+    /// The end of what this process appended to each partition and the cluster acknowledged
+    /// (`acks=all`: committed). Some Kafka-protocol brokers report a high watermark short of
+    /// it (tansu 0.6: the last batch's first offset + 1, and under concurrent appends to one
+    /// partition an older batch's), so the durable end is the larger of the two. A topic this
+    /// process creates starts again from nothing; one deleted and recreated by someone else
+    /// while it runs is not followed.
+    acked: Mutex<BTreeMap<(String, u32), u64>>,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -209,14 +212,10 @@ impl KafkaLog {
         Ok(())
     }
 
-    /// `hi`, or the end of this process's last acknowledged batch when `hi` falls inside it
-    /// (anything else, a recreated topic say, is the cluster's word).
+    /// `hi`, or the end of what this process appended there and the cluster acknowledged.
     fn floored(&self, topic: &str, partition: u32, hi: u64) -> u64 {
         let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
-        match acked.get(&(topic.to_string(), partition)) {
-            Some(&(base, end)) if hi > base && hi < end => end,
-            _ => hi,
-        }
+        acked.get(&(topic.to_string(), partition)).map_or(hi, |&end| end.max(hi))
     }
 
     fn watermarks(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
@@ -278,6 +277,7 @@ impl Log for KafkaLog {
                 }
             }
         }
+        self.acked.lock().unwrap_or_else(|p| p.into_inner()).retain(|(t, _), _| t != name);
         // Creation is asynchronous in Kafka: wait until the metadata shows every partition.
         let deadline = Instant::now() + self.opts.timeout;
         while self.partitions(name).ok() != Some(config.partitions) {
@@ -379,7 +379,8 @@ impl Log for KafkaLog {
         match (st.first, st.last) {
             (Some(f), Some(l)) => {
                 let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
-                acked.insert((topic.to_string(), partition), (f as u64, l as u64 + 1));
+                let end = acked.entry((topic.to_string(), partition)).or_default();
+                *end = (*end).max(l as u64 + 1);
                 Ok(Appended { partition, base_offset: f as u64, last_offset: l as u64 })
             }
             _ => Err(LogError::Backend("Kafka reported no offsets".into())),

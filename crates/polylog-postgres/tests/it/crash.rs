@@ -52,16 +52,47 @@ fn kafka_log(brokers: &str) -> Arc<dyn Log> {
     Arc::new(polylog_kafka::KafkaLog::connect(o).expect("connect to Kafka"))
 }
 
-/// The child's log: the embedded log under `dir`, or the Kafka broker at `kafka`.
-fn spawn_child(dir: &std::path::Path, config: &str, kafka: Option<&str>) -> Child {
+/// A child source, killed when dropped (a failing test leaves none behind).
+struct Running(Child);
+
+impl Running {
+    fn kill_9(&mut self) {
+        self.0.kill().expect("kill -9");
+        self.0.wait().expect("reap");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The child's log: the embedded log under `dir`, or the Kafka broker at `kafka`. What it
+/// prints goes to `dir/child.log`.
+fn spawn_child(dir: &std::path::Path, config: &str, kafka: Option<&str>) -> Running {
     let spec = json!({"dir": dir, "config": config, "kafka": kafka}).to_string();
-    Command::new(std::env::current_exe().expect("test binary"))
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("child.log"))
+        .expect("child log");
+    let child = Command::new(std::env::current_exe().expect("test binary"))
         .args(["crash::child_source_for_kill_tests", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, spec)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
-        .expect("spawn child")
+        .expect("spawn child");
+    Running(child)
+}
+
+/// The last lines the children printed.
+fn child_log(dir: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(dir.join("child.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
 /// `SELECT` of a table as id → {column: value} with the values as text (for comparison with
@@ -100,7 +131,7 @@ fn assert_no_duplicates(log: &dyn Log, topic: &str) {
         last.insert(e.partition, pos);
         seen += 1;
     }
-    assert!(seen > 0, "{topic} has streamed events");
+    assert!(seen > 0, "{topic} has no streamed events: the kills never met a streaming source");
 }
 
 /// Waits until the folded topics equal the tables.
@@ -215,27 +246,44 @@ fn kill_9_at_random(kafka: Option<&str>) {
             done.store(true, Ordering::SeqCst);
         })
     };
+    // The first run is left to finish its snapshot (kills before it only replace the slot, and
+    // a snapshot taken at the end would leave nothing streamed to test); how long its start took
+    // widens the kill window, so that on a slow machine kills still land while streaming.
+    let state_path = dir.path().join("sources").join("app").join("state.json");
+    let started = Instant::now();
+    let mut child = spawn_child(dir.path(), &config, kafka);
+    while !std::fs::read_to_string(&state_path).is_ok_and(|s| s.contains("\"snapshot\": \"done\""))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the first snapshot never finished; the child printed:\n{}",
+            child_log(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let window = 600 + started.elapsed().as_millis() as u64;
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
     let mut kills = 0;
     while kills < 30 || !(done.load(Ordering::SeqCst) || workload.is_finished()) {
-        let mut child = spawn_child(dir.path(), &config, kafka);
+        if kills > 0 {
+            child = spawn_child(dir.path(), &config, kafka);
+        }
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(150 + rng % 600));
-        child.kill().expect("kill -9");
-        child.wait().expect("reap");
+        std::thread::sleep(Duration::from_millis(150 + rng % window));
+        child.kill_9();
         kills += 1;
     }
     workload.join().expect("workload");
     // A last run, left to catch up.
-    let mut child = spawn_child(dir.path(), &config, kafka);
+    child = spawn_child(dir.path(), &config, kafka);
     wait_converged(&pg, &dir.path().join("log"), kafka, &["t1", "t2"]);
-    child.kill().expect("kill");
-    child.wait().expect("reap");
+    child.kill_9();
     eprintln!(
-        "crash test ({}): {kills} kills",
-        if kafka.is_some() { "Kafka" } else { "embedded log" }
+        "crash test ({}): {kills} kills, in windows of 150-{} ms",
+        if kafka.is_some() { "Kafka" } else { "embedded log" },
+        150 + window
     );
 }
 
@@ -260,14 +308,12 @@ fn a_killed_snapshot_resumes_from_its_last_chunk() {
         assert!(Instant::now() < deadline, "the snapshot made no progress");
         std::thread::sleep(Duration::from_millis(5));
     }
-    child.kill().expect("kill -9");
-    child.wait().expect("reap");
+    child.kill_9();
     let at_kill = rows_done(&state_path);
     assert!(at_kill < 200_000, "killed before the end ({at_kill} rows stored)");
     let mut child = spawn_child(dir.path(), &config, None);
     wait_converged_snapshot(dir.path(), 200_000);
-    child.kill().expect("kill");
-    child.wait().expect("reap");
+    child.kill_9();
     let o = LogOptions { maintenance_interval_ms: 0, ..LogOptions::default() };
     let log = EmbeddedLog::open_read_only(dir.path().join("log"), o).expect("read log");
     let events = read_topic(&log, "app.public.big");
@@ -341,9 +387,8 @@ fn a_five_million_row_transaction_streams_in_bounded_memory() {
         assert!(Instant::now() < deadline, "only {n} of {ROWS} rows arrived");
         std::thread::sleep(Duration::from_secs(1));
     }
-    let peak = peak_rss_kib(child.id());
-    child.kill().expect("kill");
-    child.wait().expect("reap");
+    let peak = peak_rss_kib(child.0.id());
+    child.kill_9();
     eprintln!("5M-row transaction: peak RSS of the source process {} MiB", peak / 1024);
     assert!(peak > 0 && peak < RSS_BOUND_KIB, "peak RSS {peak} KiB exceeds {RSS_BOUND_KIB} KiB");
 }
