@@ -309,6 +309,9 @@ pub struct RollupStatus {
     /// `starting`, `running`, `waiting` (for the topic), `retrying`, `failed`, `stopped`.
     pub state: String,
     pub error: Option<String>,
+    /// Errors met since start (each retry's cause counts once).
+    #[serde(default)]
+    pub errors: u64,
     pub topic: String,
     /// Events counted (into buckets or as late) since start.
     pub events: u64,
@@ -429,6 +432,7 @@ impl Rollup {
                         let mut st = lock(&self.status);
                         st.state = "retrying".into();
                         st.error = Some(e.to_string());
+                        st.errors += 1;
                     }
                     if started.elapsed() > Duration::from_secs(30) {
                         backoff = Duration::from_millis(200);
@@ -446,6 +450,7 @@ impl Rollup {
                     let mut st = lock(&self.status);
                     st.state = "failed".into();
                     st.error = Some(e.to_string());
+                    st.errors += 1;
                     return Err(e);
                 }
             }

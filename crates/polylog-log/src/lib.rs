@@ -21,6 +21,7 @@ mod error;
 mod format;
 mod groups;
 mod index;
+pub mod metrics;
 mod partition;
 mod partitioner;
 mod reader;

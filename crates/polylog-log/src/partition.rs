@@ -231,7 +231,10 @@ impl Partition {
         if let Some(f) = &self.opts.faults {
             f.check_fsync()?;
         }
-        file.sync_data()
+        let started = std::time::Instant::now();
+        let synced = file.sync_data();
+        crate::metrics::FSYNC.observe(started.elapsed());
+        synced
     }
 
     /// Seals the active segment (durably, unless `fsync = "never"`) and starts a new one.

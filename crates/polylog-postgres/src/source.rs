@@ -46,6 +46,9 @@ pub struct SourceStatus {
     /// `starting`, `snapshotting`, `streaming`, `retrying`, `failed`, `stopped`.
     pub state: String,
     pub last_error: Option<String>,
+    /// Errors met since start (each retry's cause counts once).
+    #[serde(default)]
+    pub errors: u64,
     /// Last WAL position received.
     pub received_lsn: Option<String>,
     /// Last WAL position Postgres was told is durably stored.
@@ -187,6 +190,7 @@ impl PostgresSource {
                     self.set_status(|s| {
                         s.state = "retrying".into();
                         s.last_error = Some(e.to_string());
+                        s.errors += 1;
                     });
                     let until = Instant::now() + backoff;
                     while Instant::now() < until && !stop.load(Ordering::SeqCst) {
@@ -199,6 +203,7 @@ impl PostgresSource {
                     self.set_status(|s| {
                         s.state = "stopped".into();
                         s.last_error = Some(e.to_string());
+                        s.errors += 1;
                     });
                     return Ok(());
                 }
@@ -206,6 +211,7 @@ impl PostgresSource {
                     self.set_status(|s| {
                         s.state = "failed".into();
                         s.last_error = Some(e.to_string());
+                        s.errors += 1;
                     });
                     return Err(e);
                 }

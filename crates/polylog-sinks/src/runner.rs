@@ -36,6 +36,9 @@ pub struct SinkStatus {
     pub dead_letters: u64,
     pub topics: Vec<String>,
     pub last_error: Option<String>,
+    /// Errors met since start (each retry's cause counts once).
+    #[serde(default)]
+    pub errors: u64,
 }
 
 /// Where a replay starts.
@@ -216,6 +219,7 @@ impl Sink {
             Err(e) => {
                 s.state = "failed".into();
                 s.last_error = Some(e.to_string());
+                s.errors += 1;
             }
         });
         r
@@ -418,6 +422,7 @@ impl Sink {
                     self.set_status(|s| {
                         s.state = "retrying".into();
                         s.last_error = Some(e.to_string());
+                        s.errors += 1;
                     });
                     let until = Instant::now() + backoff;
                     while Instant::now() < until {

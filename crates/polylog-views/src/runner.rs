@@ -90,6 +90,9 @@ pub struct ViewStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<Vec<u32>>,
     pub last_error: Option<String>,
+    /// Errors met since start (each retry's cause counts once).
+    #[serde(default)]
+    pub errors: u64,
 }
 
 /// A view over the log.
@@ -169,6 +172,7 @@ impl View {
             Err(e) => self.set_status(|s| {
                 s.state = "failed".into();
                 s.last_error = Some(e.to_string());
+                s.errors += 1;
             }),
         }
         r

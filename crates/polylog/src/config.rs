@@ -164,11 +164,14 @@ pub struct ApiConfig {
     /// Bearer token required by every route but `/health` (or set `POLYLOG_API_TOKEN`).
     #[serde(default)]
     pub token: Option<String>,
+    /// The config has an `[api]` table: `run` serves the API even with nothing to search.
+    #[serde(skip)]
+    pub configured: bool,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: default_api_listen(), token: None }
+        ApiConfig { listen: default_api_listen(), token: None, configured: false }
     }
 }
 
@@ -290,7 +293,7 @@ impl Config {
     /// Parses and checks a config file's text; errors name the key and the problem.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
         let de = toml::Deserializer::new(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let msg = inner.message().to_string();
@@ -304,6 +307,7 @@ impl Config {
                 anyhow::anyhow!("`{path}`: {msg}{}", at.unwrap_or_default())
             }
         })?;
+        config.api.configured = text.parse::<toml::Table>().is_ok_and(|t| t.contains_key("api"));
         config.validate()?;
         Ok(config)
     }

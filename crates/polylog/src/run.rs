@@ -12,8 +12,8 @@ use polylog_log::Log;
 use polylog_postgres::wire::{ConnectParams, Connection};
 use polylog_postgres::{PostgresSource, SourceOptions, SourceStatus};
 use polylog_sinks::search::SearchIndexes;
-use polylog_sinks::{Sink, SinkStatus, StartFrom};
-use polylog_views::{View, ViewError, ViewOptions, ViewStatus};
+use polylog_sinks::{Sink, StartFrom};
+use polylog_views::{View, ViewError, ViewOptions};
 
 use crate::config::{Config, SourceConfig};
 use crate::topics::print_table;
@@ -114,28 +114,30 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("rollup {name}: {e}"))?;
         rollups.insert(name.clone(), Arc::new(rollup));
     }
-    // The HTTP API serves the search indexes and the reports (the rest of the API is not
-    // built yet).
-    let listener = if !rollups.is_empty()
-        || sinks.iter().any(|(_, s)| matches!(s.cfg, polylog_sinks::SinkConfig::Search(_)))
-    {
-        for (_, s) in &sinks {
-            if matches!(s.cfg, polylog_sinks::SinkConfig::Search(_)) {
-                s.search_index()?;
+    // The HTTP API: with an `[api]` table, or when there are indexes or reports to serve.
+    let serves = |s: &Sink| matches!(s.cfg, polylog_sinks::SinkConfig::Search(_));
+    let listener =
+        if config.api.configured || !rollups.is_empty() || sinks.iter().any(|(_, s)| serves(s)) {
+            for (_, s) in &sinks {
+                if serves(s) {
+                    s.search_index()?;
+                }
             }
-        }
-        let l = std::net::TcpListener::bind(&config.api.listen)
-            .with_context(|| format!("`api.listen`: cannot listen on {}", config.api.listen))?;
-        eprintln!("polylog: API on http://{}/v1/", config.api.listen);
-        Some(l)
-    } else {
-        None
-    };
-    let api = Arc::new(crate::api::Api {
-        indexes: Arc::clone(&indexes),
-        rollups: rollups.clone(),
-        token: api_token(config),
-    });
+            let l = std::net::TcpListener::bind(&config.api.listen)
+                .with_context(|| format!("`api.listen`: cannot listen on {}", config.api.listen))?;
+            eprintln!(
+                "polylog: API on http://{}/ (status, metrics, changes, topics)",
+                config.api.listen
+            );
+            Some(l)
+        } else {
+            None
+        };
+    let mut api = crate::api::Api::new(Arc::clone(&log), api_token(config), Arc::clone(&stop));
+    api.indexes = Arc::clone(&indexes);
+    api.rollups = rollups.clone();
+    (api.feed_topics, api.feed_skip) = feed_topics(config);
+    let api = Arc::new(api);
     let collector = match &config.collector {
         None => None,
         Some(c) => {
@@ -244,18 +246,25 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             });
         }
         scope.spawn(|| {
-            while !stop.load(Ordering::SeqCst) {
-                write_status(
-                    config,
+            let mut slots = SlotWatch::default();
+            loop {
+                let stopping = stop.load(Ordering::SeqCst);
+                slots.refresh(config);
+                let body = status_json(
                     &statuses,
                     &views,
                     &sinks,
                     collector_stats.as_deref(),
                     &rollups,
+                    &slots,
                 );
+                write_status(config, &body);
+                *api.status.lock().unwrap_or_else(|e| e.into_inner()) = body;
+                if stopping {
+                    break;
+                }
                 std::thread::sleep(STATUS_INTERVAL);
             }
-            write_status(config, &statuses, &views, &sinks, collector_stats.as_deref(), &rollups);
         });
     });
     let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -266,46 +275,100 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_status(
-    config: &Config,
+/// The change feed's default topics: every source's topics but its transaction and schema
+/// topics, and every view's output.
+fn feed_topics(config: &Config) -> (Vec<String>, Vec<String>) {
+    let (mut follow, mut skip) = (Vec::new(), Vec::new());
+    for (name, s) in &config.sources {
+        let SourceConfig::Postgres(pg) = s;
+        let prefix = pg.topic_prefix.clone().unwrap_or_else(|| name.clone());
+        follow.push(format!("{prefix}.*"));
+        skip.push(format!("{prefix}.transaction"));
+        skip.push(format!("{prefix}.schema-history"));
+    }
+    for name in config.views.keys() {
+        follow.push(format!("views.{name}"));
+    }
+    (follow, skip)
+}
+
+/// Each source's slot: its `wal_status` and the WAL it holds back, read from Postgres every
+/// 5 s (not every second: it is a connection each time).
+#[derive(Default)]
+struct SlotWatch {
+    checked: Option<std::time::Instant>,
+    slots: BTreeMap<String, serde_json::Value>,
+}
+
+impl SlotWatch {
+    fn refresh(&mut self, config: &Config) {
+        if self.checked.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+            return;
+        }
+        self.checked = Some(std::time::Instant::now());
+        for (name, s) in &config.sources {
+            let SourceConfig::Postgres(pg) = s;
+            let slot =
+                pg.slot.clone().unwrap_or_else(|| polylog_postgres::default_object_name(name));
+            let v = match slot_lag(&pg.url, &slot) {
+                Ok(Some((wal_status, lag))) => {
+                    serde_json::json!({"name": slot, "state": wal_status, "lag_bytes": lag})
+                }
+                Ok(None) => serde_json::json!({"name": slot, "state": "missing"}),
+                Err(e) => {
+                    serde_json::json!({"name": slot, "state": "unreachable", "error": e.to_string()})
+                }
+            };
+            self.slots.insert(name.clone(), v);
+        }
+    }
+}
+
+/// What `/v1/status` answers and the status file holds.
+fn status_json(
     statuses: &[(String, Arc<Mutex<SourceStatus>>)],
     views: &[(String, View)],
     sinks: &[(String, Sink)],
     collector: Option<&polylog_events::Collector>,
     rollups: &BTreeMap<String, Arc<polylog_events::Rollup>>,
-) {
-    let rollup_map: BTreeMap<&str, polylog_events::RollupStatus> = rollups
+    slots: &SlotWatch,
+) -> serde_json::Value {
+    fn json_of<T: serde::Serialize>(v: &Mutex<T>) -> serde_json::Value {
+        serde_json::to_value(&*v.lock().unwrap_or_else(|e| e.into_inner())).unwrap_or_default()
+    }
+    let sources: serde_json::Map<String, serde_json::Value> = statuses
         .iter()
-        .map(|(n, r)| (n.as_str(), r.status.lock().unwrap_or_else(|e| e.into_inner()).clone()))
+        .map(|(n, s)| {
+            let mut v = json_of(s);
+            v["slot"] = slots.slots.get(n).cloned().unwrap_or_default();
+            (n.clone(), v)
+        })
         .collect();
-    let map: BTreeMap<&str, SourceStatus> = statuses
-        .iter()
-        .map(|(n, s)| (n.as_str(), s.lock().unwrap_or_else(|e| e.into_inner()).clone()))
-        .collect();
-    let view_map: BTreeMap<&str, ViewStatus> = views
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.status.lock().unwrap_or_else(|e| e.into_inner()).clone()))
-        .collect();
-    let sink_map: BTreeMap<&str, SinkStatus> = sinks
-        .iter()
-        .map(|(n, s)| (n.as_str(), s.status.lock().unwrap_or_else(|e| e.into_inner()).clone()))
-        .collect();
-    let path = status_path(config);
-    let tmp = path.with_extension("json.tmp");
-    let body = serde_json::json!({
+    let views: serde_json::Map<String, serde_json::Value> =
+        views.iter().map(|(n, v)| (n.clone(), json_of(&v.status))).collect();
+    let sinks: serde_json::Map<String, serde_json::Value> =
+        sinks.iter().map(|(n, s)| (n.clone(), json_of(&s.status))).collect();
+    let rollups: serde_json::Map<String, serde_json::Value> =
+        rollups.iter().map(|(n, r)| (n.clone(), json_of(&r.status))).collect();
+    serde_json::json!({
         "updated_ms": polylog_log::now_ms(),
-        "sources": map,
-        "views": view_map,
-        "sinks": sink_map,
-        "rollups": rollup_map,
+        "sources": sources,
+        "views": views,
+        "sinks": sinks,
+        "rollups": rollups,
         "collector": collector.map(|c| serde_json::json!({
             "requests": c.stats.requests.load(Ordering::Relaxed),
             "accepted": c.stats.accepted.load(Ordering::Relaxed),
             "rejected": c.stats.rejected.load(Ordering::Relaxed),
         })),
-    });
+    })
+}
+
+fn write_status(config: &Config, body: &serde_json::Value) {
+    let path = status_path(config);
+    let tmp = path.with_extension("json.tmp");
     let _ = std::fs::create_dir_all(path.parent().unwrap_or(&config.data_dir))
-        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(&body).unwrap_or_default()))
+        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(body).unwrap_or_default()))
         .and_then(|()| std::fs::rename(&tmp, &path));
 }
 
