@@ -249,7 +249,7 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             let mut slots = SlotWatch::default();
             loop {
                 let stopping = stop.load(Ordering::SeqCst);
-                slots.refresh(config);
+                slots.refresh(config, &statuses);
                 let body = status_json(
                     &statuses,
                     &views,
@@ -293,18 +293,27 @@ fn feed_topics(config: &Config) -> (Vec<String>, Vec<String>) {
 }
 
 /// Each source's slot: its `wal_status` and the WAL it holds back, read from Postgres every
-/// 5 s (not every second: it is a connection each time).
+/// 5 s (not every second: it is a connection each time) and whenever a source's state changes
+/// (a slot appears as a source starts).
 #[derive(Default)]
 struct SlotWatch {
     checked: Option<std::time::Instant>,
+    states: Vec<String>,
     slots: BTreeMap<String, serde_json::Value>,
 }
 
 impl SlotWatch {
-    fn refresh(&mut self, config: &Config) {
-        if self.checked.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+    fn refresh(&mut self, config: &Config, sources: &[(String, Arc<Mutex<SourceStatus>>)]) {
+        let states: Vec<String> = sources
+            .iter()
+            .map(|(_, s)| s.lock().unwrap_or_else(|e| e.into_inner()).state.clone())
+            .collect();
+        if self.checked.is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+            && states == self.states
+        {
             return;
         }
+        self.states = states;
         self.checked = Some(std::time::Instant::now());
         for (name, s) in &config.sources {
             let SourceConfig::Postgres(pg) = s;

@@ -9,6 +9,8 @@
 //! - `GET /metrics`: Prometheus text format (see [`metrics`]).
 //! - `GET /v1/changes?topic=&table=&key=&op=&from=`: the live change feed, Server-Sent Events.
 //! - `GET /v1/topics`, `GET /v1/topics/<topic>`: topics, their settings and offsets.
+//! - `PUT /v1/topics/<topic>` with `{"partitions": n, "compacted": bool, "retention_ms": ms}`
+//!   (all optional): creates a topic; 409 if it exists.
 //! - `GET /v1/topics/<topic>/records?partition=&offset=&limit=`: a range of records.
 //! - `POST /v1/topics/<topic>/records`: appends records, answers once they are durable.
 //! - `GET /v1/search/<index>?q=&limit=`, `GET /v1/search/<index>/<id>`: the search sinks.
@@ -203,6 +205,7 @@ pub const ROUTES: &[Route] = &[
     Route::new("GET", "/v1/changes", feed::handle),
     Route::new("GET", "/v1/topics", topics),
     Route::new("GET", "/v1/topics/{topic}", topic),
+    Route::new("PUT", "/v1/topics/{topic}", create_topic),
     Route::new("GET", "/v1/topics/{topic}/records", read_records),
     Route::new("POST", "/v1/topics/{topic}/records", produce),
     Route::new("GET", "/v1/search/{index}", search),
@@ -392,6 +395,47 @@ fn topic(api: &Api, _: &Request, args: &[String], _: &TcpStream) -> Reply {
             200,
             json!({"name": d.name, "config": d.config, "partitions": partitions_json(&d)}),
         ),
+        Err(e) => log_error(e),
+    }
+}
+
+fn create_topic(api: &Api, req: &Request, args: &[String], _: &TcpStream) -> Reply {
+    let body: Value = if req.body.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice(&req.body) {
+            Ok(v) => v,
+            Err(e) => return error(400, format!("the body is not JSON: {e}")),
+        }
+    };
+    let Some(obj) = body.as_object() else {
+        return error(400, "the body must be an object: {\"partitions\": n, \"compacted\": bool}");
+    };
+    if let Some(k) =
+        obj.keys().find(|k| !["partitions", "compacted", "retention_ms"].contains(&k.as_str()))
+    {
+        return error(400, format!("unknown field {k:?} (partitions, compacted, retention_ms)"));
+    }
+    let partitions =
+        match obj.get("partitions").map(|p| p.as_u64().and_then(|p| u32::try_from(p).ok())) {
+            None => 1,
+            Some(Some(p)) => p,
+            Some(None) => return error(400, "partitions must be a positive number"),
+        };
+    let mut config = polylog_log::TopicConfig::new(partitions);
+    match obj.get("compacted") {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => config = config.compacted(),
+        Some(_) => return error(400, "compacted must be true or false"),
+    }
+    match obj.get("retention_ms").map(Value::as_u64) {
+        None => {}
+        Some(Some(ms)) if ms > 0 => config.retention_ms = Some(ms),
+        Some(_) => return error(400, "retention_ms must be a positive number of milliseconds"),
+    }
+    match api.log.create_topic(&args[0], &config) {
+        Ok(()) => Reply::Json(201, json!({"created": args[0], "config": config})),
+        Err(LogError::TopicExists(t)) => error(409, format!("topic {t:?} exists")),
         Err(e) => log_error(e),
     }
 }

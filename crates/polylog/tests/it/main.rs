@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use polylog_testkit::TempDir;
 
+mod api;
 mod kafka;
 mod load;
 
