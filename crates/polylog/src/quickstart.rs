@@ -249,19 +249,27 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
         scope.spawn(move || {
             // Tell the user what to try once the first documents are searchable.
             let url = format!("http://{listen}/v1/search/videos");
+            let token = std::env::var("POLYLOG_API_TOKEN").ok().filter(|t| !t.is_empty());
+            let curl = if token.is_some() {
+                "curl -H \"Authorization: Bearer $POLYLOG_API_TOKEN\""
+            } else {
+                "curl"
+            };
             while !stop.load(Ordering::SeqCst) {
-                if search_works(listen) {
-                    println!("3. Running. Try, in another terminal:");
-                    println!("     curl '{url}?q=title:rust&limit=3'");
+                if search_works(listen, token.as_deref()) {
+                    println!("3. Running. Open the dashboard: http://{listen}/");
+                    println!("   Try, in another terminal:");
+                    println!("     {curl} '{url}?q=title:rust&limit=3'");
                     println!(
-                        "     curl '{url}?q=publisher.country:jp%20AND%20tags.tag.label:cats'"
+                        "     {curl} '{url}?q=publisher.country:jp%20AND%20tags.tag.label:cats'"
                     );
                     println!(
-                        "     curl '{url}/%7B%22id%22:1%7D'          # the document of video 1"
+                        "     {curl} '{url}/%7B%22id%22:1%7D'          # the document of video 1"
                     );
                     let reports = format!("http://{listen}/v1/reports/viewability");
-                    println!("     curl '{reports}?from=now-1h&group_by=device'   # up to the second");
-                    println!("     curl '{reports}?from=now-1h&interval=minute&group_by=site_category&format=csv'");
+                    println!("     {curl} '{reports}?from=now-1h&group_by=device'   # up to the second");
+                    println!("     {curl} '{reports}?from=now-1h&interval=minute&group_by=site_category&format=csv'");
+                    println!("     {curl} 'http://{listen}/v1/changes?table=videos'   # the live change feed");
                     println!("     {me} -c {} status", config_path.display());
                     println!(
                         "     {me} -c {} topics tail views.videos -n 2",
@@ -320,11 +328,13 @@ pub fn run(args: &QuickstartArgs) -> anyhow::Result<()> {
 }
 
 /// Whether the search API answers with at least one document.
-fn search_works(listen: &str) -> bool {
+fn search_works(listen: &str, token: Option<&str>) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(listen) else { return false };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /v1/search/videos?q=*&limit=1 HTTP/1.1\r\nHost: x\r\n\r\n").is_err() {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!("GET /v1/search/videos?q=*&limit=1 HTTP/1.1\r\nHost: x\r\n{auth}\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
         return false;
     }
     let mut body = String::new();

@@ -259,7 +259,7 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     &slots,
                 );
                 write_status(config, &body);
-                *api.status.lock().unwrap_or_else(|e| e.into_inner()) = body;
+                api.set_status(body);
                 if stopping {
                     break;
                 }

@@ -21,8 +21,9 @@
 
 mod feed;
 pub mod metrics;
+mod ui;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -42,6 +43,8 @@ const RECORDS_MAX: usize = 10_000;
 const READ_MAX: usize = 1_000;
 /// How long a produce request waits for its records to become durable.
 const DURABLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Statuses kept for the charts: 15 minutes at one a second.
+const HISTORY_MAX: usize = 900;
 
 pub struct Api {
     pub indexes: SearchIndexes,
@@ -56,6 +59,9 @@ pub struct Api {
     pub feed_skip: Vec<String>,
     /// Set when the process stops: ends change feeds.
     pub stop: Arc<AtomicBool>,
+    /// The last [`HISTORY_MAX`] statuses, reduced to counters and lags, for the dashboard's
+    /// charts.
+    history: Mutex<VecDeque<Value>>,
     /// Requests answered, by route and status code.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     feeds: AtomicUsize,
@@ -72,9 +78,47 @@ impl Api {
             feed_topics: vec!["*".into()],
             feed_skip: Vec::new(),
             stop,
+            history: Mutex::new(VecDeque::new()),
             requests: Mutex::new(BTreeMap::new()),
             feeds: AtomicUsize::new(0),
         }
+    }
+
+    /// Replaces the status `/v1/status` answers and adds it to the history.
+    pub fn set_status(&self, status: Value) {
+        let pick = |kind: &str, fields: &[&str]| -> Value {
+            let m: serde_json::Map<String, Value> = status[kind]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(n, s)| {
+                    let f: serde_json::Map<String, Value> = fields
+                        .iter()
+                        .map(|f| {
+                            let v = if *f == "lag_bytes" { &s["slot"][*f] } else { &s[*f] };
+                            (f.to_string(), v.clone())
+                        })
+                        .collect();
+                    (n.clone(), Value::Object(f))
+                })
+                .collect();
+            Value::Object(m)
+        };
+        let point = json!({
+            "t": status["updated_ms"],
+            "sources": pick("sources", &["events", "lag_bytes"]),
+            "views": pick("views", &["changes", "lag"]),
+            "sinks": pick("sinks", &["records", "lag"]),
+            "rollups": pick("rollups", &["events", "lag_records"]),
+            "collector": {"accepted": status["collector"]["accepted"]},
+        });
+        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        if h.len() >= HISTORY_MAX {
+            h.pop_front();
+        }
+        h.push_back(point);
+        drop(h);
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
     }
 
     fn authorized(&self, req: &Request) -> bool {
@@ -83,7 +127,8 @@ impl Api {
             let (scheme, t) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| t.trim())
         });
-        let cookie = req.header("cookie").and_then(|c| {
+        // The dashboard's cookie reads only: a page elsewhere cannot make a browser write.
+        let cookie = req.header("cookie").filter(|_| req.method == "GET").and_then(|c| {
             c.split(';').find_map(|kv| kv.trim().strip_prefix("polylog_token=").map(url_decode))
         });
         [bearer.map(str::to_string), cookie]
@@ -200,7 +245,12 @@ impl Route {
 /// Every route the API serves, in the order they are tried.
 pub const ROUTES: &[Route] = &[
     Route { method: "GET", pattern: "/health", public: true, handler: health },
+    Route::new("GET", "/", ui::page),
+    Route::new("GET", "/changes", ui::page),
+    Route::new("GET", "/search", ui::page),
+    Route::new("GET", "/reports", ui::page),
     Route::new("GET", "/v1/status", status),
+    Route::new("GET", "/v1/status/history", history),
     Route::new("GET", "/metrics", metrics::handle),
     Route::new("GET", "/v1/changes", feed::handle),
     Route::new("GET", "/v1/topics", topics),
@@ -208,8 +258,10 @@ pub const ROUTES: &[Route] = &[
     Route::new("PUT", "/v1/topics/{topic}", create_topic),
     Route::new("GET", "/v1/topics/{topic}/records", read_records),
     Route::new("POST", "/v1/topics/{topic}/records", produce),
+    Route::new("GET", "/v1/search", indexes),
     Route::new("GET", "/v1/search/{index}", search),
     Route::new("GET", "/v1/search/{index}/{id}", search_get),
+    Route::new("GET", "/v1/reports", rollups),
     Route::new("GET", "/v1/reports/{rollup}", report),
 ];
 
@@ -236,10 +288,15 @@ fn dispatch(stream: &TcpStream, api: &Api, req: &Request) -> (&'static str, Repl
     let exact = matched.iter().find(|(r, _)| r.method == req.method);
     let name = exact.or(matched.first()).map_or("(no route)", |(r, _)| r.pattern);
     if !exact.is_some_and(|(r, _)| r.public) && !api.authorized(req) {
-        let reply = Reply::Json(
-            401,
-            json!({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"}),
-        );
+        let browser = req.header("accept").is_some_and(|a| a.contains("text/html"));
+        let reply = if browser {
+            Reply::Bytes(401, "text/html; charset=utf-8", ui::LOGIN.as_bytes().to_vec())
+        } else {
+            Reply::Json(
+                401,
+                json!({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"}),
+            )
+        };
         return (name, reply);
     }
     let reply = match exact {
@@ -339,6 +396,29 @@ fn health(api: &Api, _: &Request, _: &[String], _: &TcpStream) -> Reply {
 
 fn status(api: &Api, _: &Request, _: &[String], _: &TcpStream) -> Reply {
     Reply::Json(200, api.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+fn history(api: &Api, _: &Request, _: &[String], _: &TcpStream) -> Reply {
+    let points: Vec<Value> =
+        api.history.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+    Reply::Json(200, json!({ "points": points }))
+}
+
+fn indexes(api: &Api, _: &Request, _: &[String], _: &TcpStream) -> Reply {
+    let ixs = api.indexes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut list: Vec<Value> =
+        ixs.values().map(|ix| json!({"name": ix.name, "documents": ix.len()})).collect();
+    list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Reply::Json(200, json!({ "indexes": list }))
+}
+
+fn rollups(api: &Api, _: &Request, _: &[String], _: &TcpStream) -> Reply {
+    let list: Vec<Value> = api
+        .rollups
+        .iter()
+        .map(|(n, r)| json!({"name": n, "dimensions": r.dimension_names()}))
+        .collect();
+    Reply::Json(200, json!({ "rollups": list }))
 }
 
 fn log_error(e: LogError) -> Reply {
@@ -750,12 +830,15 @@ mod tests {
                     assert_eq!(code, 401, "{what} without the right token ({wrong:?})");
                 }
             }
-            for right in [
-                "Authorization: Bearer s3cret-token\r\n",
-                "Cookie: a=b; polylog_token=s3cret-token\r\n",
-            ] {
-                let code = status_code(&addr, r.method, &path, right);
-                assert!(code != 401 && code != 0, "{what} with the token answered {code}");
+            let code =
+                status_code(&addr, r.method, &path, "Authorization: Bearer s3cret-token\r\n");
+            assert!(code != 401 && code != 0, "{what} with the token answered {code}");
+            let cookie = "Cookie: a=b; polylog_token=s3cret-token\r\n";
+            let code = status_code(&addr, r.method, &path, cookie);
+            if r.method == "GET" {
+                assert!(code != 401 && code != 0, "{what} with the cookie answered {code}");
+            } else {
+                assert_eq!(code, 401, "{what}: the cookie only reads");
             }
         }
         assert_eq!(status_code(&addr, "GET", "/nothing/here", ""), 401, "unknown paths too");

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use polylog_testkit::TempDir;
 
 mod api;
+mod browser;
 mod kafka;
 mod load;
 
