@@ -579,8 +579,8 @@ impl Rollup {
             let reader = match self.log.reader(&self.opts.topic, p, StartAt::Offset(resume)) {
                 Ok(r) => r,
                 Err(LogError::OffsetOutOfRange { start, .. }) => {
-                    eprintln!(
-                        "polylog: rollup {}: partition {p} of {} starts at {start}, after the \
+                    tracing::warn!(
+                        "rollup {}: partition {p} of {} starts at {start}, after the \
                          recorded offset {resume}: retention removed events before they were counted",
                         self.opts.name, self.opts.topic
                     );

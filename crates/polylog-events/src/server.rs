@@ -114,7 +114,7 @@ pub fn serve(
             }
             Err(e) => {
                 // Out of file descriptors, say: wait and go on.
-                eprintln!("polylog: {what}: accepting a connection: {e}");
+                tracing::warn!("{what}: accepting a connection: {e}");
                 std::thread::sleep(Duration::from_millis(200));
             }
         }

@@ -535,7 +535,7 @@ impl KafkaLog {
                     Some(Ok(c)) => c,
                     Some(Err(e)) => {
                         self.configs_refused.store(true, std::sync::atomic::Ordering::Relaxed);
-                        eprintln!("polylog: {e}; topic settings are shown as the defaults");
+                        tracing::warn!("{e}; topic settings are shown as the defaults");
                         TopicConfig::new(partitions)
                     }
                     None => TopicConfig::new(partitions),

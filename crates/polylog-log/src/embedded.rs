@@ -346,7 +346,7 @@ fn maintenance(inner: &Inner) {
             std::thread::sleep(left.min(Duration::from_millis(200)));
         }
         if let Err(e) = inner.maintain(false) {
-            eprintln!("polylog: log maintenance failed (will retry): {e}");
+            tracing::warn!("log maintenance failed (will retry): {e}");
         }
     }
 }

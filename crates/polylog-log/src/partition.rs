@@ -702,8 +702,8 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
         }
         if torn {
             let (pos, why) = scan.stop.clone().unwrap_or_default();
-            eprintln!(
-                "polylog: recovering {}: keeping the first {} bytes (offsets up to {}), dropping \
+            tracing::warn!(
+                "recovering {}: keeping the first {} bytes (offsets up to {}), dropping \
                  {} bytes from byte {pos}: {why}",
                 path.display(),
                 scan.meta.size,
@@ -743,7 +743,7 @@ fn load(dir: &Path, opts: &LogOptions, read_only: bool) -> Result<(Vec<SegmentMe
         }
         if torn {
             for &later in &bases[i + 1..] {
-                eprintln!("polylog: recovering: removing segment {later} after the torn one");
+                tracing::warn!("recovering: removing segment {later} after the torn one");
                 remove_segment_files(&log_path(dir, later));
             }
             sync_dir(dir).map_err(io("syncing partition directory"))?;

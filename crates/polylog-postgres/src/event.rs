@@ -110,7 +110,9 @@ impl Converter {
                 return write_str(out, text)
             }
             PgType::Unknown(oid) if self.warned.insert(*oid) => {
-                eprintln!("polylog: warning: type oid {oid} is not known to polylog; its values are passed as text");
+                tracing::warn!(
+                    "type oid {oid} is not known to polylog; its values are passed as text"
+                );
             }
             _ => {}
         }
@@ -118,7 +120,7 @@ impl Converter {
             Ok(v) => v,
             Err(e) => {
                 if self.warned.insert(type_oid) {
-                    eprintln!("polylog: warning: {e}; passing such values as text");
+                    tracing::warn!("{e}; passing such values as text");
                 }
                 Value::String(String::from_utf8_lossy(text).into_owned())
             }

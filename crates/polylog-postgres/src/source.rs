@@ -186,7 +186,7 @@ impl PostgresSource {
                     return Ok(());
                 }
                 Err(e) if e.is_retryable() && !stop.load(Ordering::SeqCst) => {
-                    eprintln!("polylog: source {}: {e}; retrying in {backoff:?}", self.name);
+                    tracing::warn!("source {}: {e}; retrying in {backoff:?}", self.name);
                     self.set_status(|s| {
                         s.state = "retrying".into();
                         s.last_error = Some(e.to_string());
@@ -1125,7 +1125,7 @@ impl<'a> Streamer<'a> {
             Err(e) if e.code().is_some() => {
                 // A privilege problem is worth one warning, not a stop.
                 if !self.heartbeat_failed {
-                    eprintln!("polylog: source {}: heartbeats disabled: {e}", self.src.name);
+                    tracing::warn!("source {}: heartbeats disabled: {e}", self.src.name);
                     self.heartbeat_failed = true;
                 }
                 Ok(())
@@ -1377,8 +1377,8 @@ impl<'a> Streamer<'a> {
         };
         let (id, kind) = (field("id").unwrap_or_default(), field("type").unwrap_or_default());
         if kind != "execute-snapshot" {
-            eprintln!(
-                "polylog: source {}: ignoring signal {id:?} of unknown type {kind:?}",
+            tracing::warn!(
+                "source {}: ignoring signal {id:?} of unknown type {kind:?}",
                 self.src.name
             );
             return Ok(());
@@ -1395,15 +1395,12 @@ impl<'a> Streamer<'a> {
         let inc = self.state.incremental.get_or_insert_with(Default::default);
         for t in wanted {
             if !self.by_name.contains_key(&t) {
-                eprintln!(
-                    "polylog: source {}: signal {id:?}: {t} is not a captured table",
+                tracing::warn!(
+                    "source {}: signal {id:?}: {t} is not a captured table",
                     self.src.name
                 );
             } else if !inc.queue.contains(&t) {
-                eprintln!(
-                    "polylog: source {}: incremental snapshot of {t} requested",
-                    self.src.name
-                );
+                tracing::info!("source {}: incremental snapshot of {t} requested", self.src.name);
                 inc.queue.push(t);
             }
         }
@@ -1423,7 +1420,7 @@ impl<'a> Streamer<'a> {
         }
         let Some(inc) = self.state.incremental.as_mut() else { return Ok(()) };
         let Some(name) = inc.queue.first().cloned() else {
-            eprintln!("polylog: source {}: incremental snapshot done", self.src.name);
+            tracing::info!("source {}: incremental snapshot done", self.src.name);
             self.state.incremental = None;
             self.state_dirty = true;
             return Ok(());

@@ -244,9 +244,12 @@ impl ElasticsearchWriter {
         self.log.wait_durable(&self.dead_letter_topic, 0, a.last_offset + 1, self.timeout())?;
         self.dead_letters.fetch_add(records.len() as u64, Ordering::SeqCst);
         for (item, why) in &rejected {
-            eprintln!(
-                "polylog: elasticsearch: {}/{}/{} rejected ({why}); written to {}",
-                item.topic, item.record.partition, item.record.offset, self.dead_letter_topic
+            tracing::warn!(
+                "elasticsearch: {}/{}/{} rejected ({why}); written to {}",
+                item.topic,
+                item.record.partition,
+                item.record.offset,
+                self.dead_letter_topic
             );
         }
         Ok(())

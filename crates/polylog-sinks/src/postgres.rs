@@ -78,9 +78,11 @@ impl PostgresWriter {
         let n = self.skipped.entry(item.topic.clone()).or_default();
         *n += 1;
         if *n == 1 {
-            eprintln!(
-                "polylog: postgres sink: passing over {}/{}/{}: {why} (further ones are not reported)",
-                item.topic, item.record.partition, item.record.offset
+            tracing::warn!(
+                "postgres sink: passing over {}/{}/{}: {why} (further ones are not reported)",
+                item.topic,
+                item.record.partition,
+                item.record.offset
             );
         }
     }

@@ -418,7 +418,7 @@ impl Sink {
             match writer.write(batch) {
                 Ok(()) => return Ok(true),
                 Err(e) if e.is_retryable() => {
-                    eprintln!("polylog: sink {}: {e}; retrying in {backoff:?}", self.name);
+                    tracing::warn!("sink {}: {e}; retrying in {backoff:?}", self.name);
                     self.set_status(|s| {
                         s.state = "retrying".into();
                         s.last_error = Some(e.to_string());

@@ -161,8 +161,8 @@ impl SearchWriter {
                     let doc = match serde_json::from_slice::<Value>(value) {
                         Ok(doc) if doc.is_object() => doc,
                         _ => {
-                            eprintln!(
-                                "polylog: search sink {}: passing over {}/{}/{}: the value is not a JSON object",
+                            tracing::warn!(
+                                "search sink {}: passing over {}/{}/{}: the value is not a JSON object",
                                 ix.name, item.topic, item.record.partition, item.record.offset
                             );
                             continue;

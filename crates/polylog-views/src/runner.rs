@@ -280,8 +280,8 @@ impl View {
         let fingerprint = self.spec.fingerprint.as_bytes();
         if stored.as_deref() != Some(fingerprint) {
             if stored.is_some() {
-                eprintln!(
-                    "polylog: view {}: its definition changed; rebuilding it from the beginning of its topics",
+                tracing::info!(
+                    "view {}: its definition changed; rebuilding it from the beginning of its topics",
                     self.spec.name
                 );
                 drop(db);
@@ -626,8 +626,8 @@ impl<'v> Worker<'v> {
             return Ok(progressed);
         }
         if !complete {
-            eprintln!(
-                "polylog: view {}: transaction {} announced changes that did not arrive within {:?}; applying it without them",
+            tracing::warn!(
+                "view {}: transaction {} announced changes that did not arrive within {:?}; applying it without them",
                 self.view.spec.name, commit, self.view.opts.transaction_wait
             );
         }
@@ -654,8 +654,8 @@ impl<'v> Worker<'v> {
         if let Op::Skip(why) = &c.op {
             if !input.warned {
                 input.warned = true;
-                eprintln!(
-                    "polylog: view {}: skipping record {} of {}/{}: {why} (further ones are counted in status)",
+                tracing::warn!(
+                    "view {}: skipping record {} of {}/{}: {why} (further ones are counted in status)",
                     self.view.spec.name, c.offset, input.topic, input.partition
                 );
             }
@@ -814,7 +814,7 @@ impl<'v> Worker<'v> {
             }
         }
         self.flush_output()?;
-        eprintln!(
+        tracing::info!(
             "view {}: took over output partitions {gained:?}: wrote their {written} documents",
             self.view.spec.name
         );

@@ -4,6 +4,7 @@ mod api;
 mod config;
 mod gen;
 mod load;
+mod logging;
 mod quickstart;
 mod run;
 mod topics;
@@ -28,6 +29,9 @@ struct Cli {
     /// Data directory; overrides `data_dir` in the config.
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// How running components log to stderr: readable lines, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +76,7 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,

@@ -116,23 +116,22 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     // The HTTP API: with an `[api]` table, or when there are indexes or reports to serve.
     let serves = |s: &Sink| matches!(s.cfg, polylog_sinks::SinkConfig::Search(_));
-    let listener =
-        if config.api.configured || !rollups.is_empty() || sinks.iter().any(|(_, s)| serves(s)) {
-            for (_, s) in &sinks {
-                if serves(s) {
-                    s.search_index()?;
-                }
+    let listener = if config.api.configured
+        || !rollups.is_empty()
+        || sinks.iter().any(|(_, s)| serves(s))
+    {
+        for (_, s) in &sinks {
+            if serves(s) {
+                s.search_index()?;
             }
-            let l = std::net::TcpListener::bind(&config.api.listen)
-                .with_context(|| format!("`api.listen`: cannot listen on {}", config.api.listen))?;
-            eprintln!(
-                "polylog: API on http://{}/ (status, metrics, changes, topics)",
-                config.api.listen
-            );
-            Some(l)
-        } else {
-            None
-        };
+        }
+        let l = std::net::TcpListener::bind(&config.api.listen)
+            .with_context(|| format!("`api.listen`: cannot listen on {}", config.api.listen))?;
+        tracing::info!("API on http://{}/ (status, metrics, changes, topics)", config.api.listen);
+        Some(l)
+    } else {
+        None
+    };
     let mut api = crate::api::Api::new(Arc::clone(&log), api_token(config), Arc::clone(&stop));
     api.indexes = Arc::clone(&indexes);
     api.rollups = rollups.clone();
@@ -159,14 +158,14 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             )?;
             let l = std::net::TcpListener::bind(&c.listen)
                 .with_context(|| format!("`collector.listen`: cannot listen on {}", c.listen))?;
-            eprintln!("polylog: collector on http://{}/v1/events, writing {}", c.listen, c.topic);
+            tracing::info!("collector on http://{}/v1/events, writing {}", c.listen, c.topic);
             Some((Arc::new(collector), l))
         }
     };
     let collector_stats = collector.as_ref().map(|(c, _)| Arc::clone(c));
     let failed = Mutex::new(Vec::new());
     let fail = |what: String| {
-        eprintln!("polylog: {what}");
+        tracing::error!("{what}");
         failed.lock().unwrap_or_else(|e| e.into_inner()).push(what);
         stop.store(true, Ordering::SeqCst);
     };
@@ -182,7 +181,7 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         for (name, src) in &srcs {
             let (stop, fail) = (&stop, &fail);
             scope.spawn(move || {
-                eprintln!("polylog: source {name}: starting (slot {})", src.slot_name());
+                tracing::info!("source {name}: starting (slot {})", src.slot_name());
                 if let Err(e) = src.run(stop) {
                     fail(format!("source {name} stopped: {e}"));
                 }
@@ -202,7 +201,7 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                eprintln!("polylog: view {name}: writing {}", view.spec.output_topic());
+                tracing::info!("view {name}: writing {}", view.spec.output_topic());
                 if let Err(e) = view.run(stop) {
                     fail(format!("view {name} stopped: {e}"));
                 }
@@ -227,9 +226,10 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         for (name, rollup) in &rollups {
             let (stop, fail) = (&stop, &fail);
             scope.spawn(move || {
-                eprintln!(
-                    "polylog: rollup {name}: {} into {}_minute/_hour/_day",
-                    rollup.opts.topic, rollup.opts.table
+                tracing::info!(
+                    "rollup {name}: {} into {}_minute/_hour/_day",
+                    rollup.opts.topic,
+                    rollup.opts.table
                 );
                 if let Err(e) = rollup.run(stop) {
                     fail(format!("rollup {name} stopped: {e}"));
@@ -239,7 +239,7 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         for (name, sink) in &sinks {
             let (stop, fail) = (&stop, &fail);
             scope.spawn(move || {
-                eprintln!("polylog: sink {name}: writing {}", sink.cfg.topics().join(", "));
+                tracing::info!("sink {name}: writing {}", sink.cfg.topics().join(", "));
                 if let Err(e) = sink.run(stop, false) {
                     fail(format!("sink {name} stopped: {e}"));
                 }
@@ -271,7 +271,7 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     if !failed.is_empty() {
         bail!("{}", failed.join("; "));
     }
-    eprintln!("polylog: stopped");
+    tracing::info!("stopped");
     Ok(())
 }
 

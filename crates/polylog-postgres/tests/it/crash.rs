@@ -22,6 +22,8 @@ const CHILD_ENV: &str = "POLYLOG_CDC_CHILD";
 #[test]
 fn child_source_for_kill_tests() {
     let Ok(spec) = std::env::var(CHILD_ENV) else { return };
+    // What the source reports (retries, say) goes to the child's log.
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).try_init();
     let spec: Value = serde_json::from_str(&spec).expect("child spec");
     let dir = std::path::PathBuf::from(spec["dir"].as_str().expect("dir"));
     let log: Arc<dyn Log> = match spec["kafka"].as_str() {

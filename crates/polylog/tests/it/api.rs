@@ -257,11 +257,13 @@ fn the_change_feed_filters_and_topics_take_and_give_records() {
         ),
     )
     .expect("config");
+    // Logs as JSON lines, for log collectors.
+    let log = std::fs::File::create(d.path().join("stderr.log")).expect("log file");
     let _run = Running(
         polylog(d.path())
-            .args(["run"])
+            .args(["--log-format", "json", "run"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("run"),
     );
@@ -271,6 +273,17 @@ fn the_change_feed_filters_and_topics_take_and_give_records() {
         std::thread::sleep(Duration::from_millis(100));
     }
     wait_status(&addr, "the source streams", |s| s["sources"]["app"]["state"] == "streaming");
+    let logged = std::fs::read_to_string(d.path().join("stderr.log")).expect("log");
+    let lines: Vec<Value> = logged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "INFO"
+            && l["message"].as_str().is_some_and(|m| m.starts_with("source app: starting"))
+            && l["timestamp"].is_string()),
+        "{logged}"
+    );
 
     // Everything, from the last record of each partition back: the snapshot reads are there.
     let mut all = open_feed(&addr, "from=beginning");
