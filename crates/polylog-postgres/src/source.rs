@@ -55,6 +55,10 @@ pub struct SourceStatus {
     pub flushed_lsn: Option<String>,
     pub events: u64,
     pub transactions: u64,
+    /// How long after its commit the last transaction was captured (ms): how far behind the
+    /// source is (Debezium's `MilliSecondsBehindSource`).
+    #[serde(default)]
+    pub behind_ms: i64,
     pub snapshot_rows: u64,
     pub snapshot_rows_estimate: u64,
 }
@@ -1304,9 +1308,11 @@ impl<'a> Streamer<'a> {
                 self.flush_pending()?;
                 self.committed_end = end_lsn;
                 self.idle_lsn = self.idle_lsn.max(end_lsn);
+                let behind = (polylog_log::now_ms() - tx.commit_time_ms).max(0);
                 self.src.set_status(|s| {
                     s.transactions += 1;
                     s.events += total;
+                    s.behind_ms = behind;
                 });
             }
             Message::Relation(r) => self.relation(wal, r)?,

@@ -31,6 +31,10 @@ pub struct SinkStatus {
     pub lag_ms: i64,
     pub records: u64,
     pub batches: u64,
+    /// When the newest record written was appended to the log (ms since the epoch): how far
+    /// behind the sink is while it has lag.
+    #[serde(default)]
+    pub written_ms: i64,
     /// Records the target rejected, written to the dead-letter topic.
     #[serde(default)]
     pub dead_letters: u64,
@@ -301,8 +305,10 @@ impl Sink {
             }
             self.log.commit_offsets(&self.group(), &offsets)?;
             let n = batch.len() as u64;
+            let newest = batch.iter().map(|i| i.record.timestamp_ms).max().unwrap_or(0);
             let dead = self.dead_letters.load(Ordering::SeqCst);
             self.set_status(|s| {
+                s.written_ms = s.written_ms.max(newest);
                 s.records += n;
                 s.batches += 1;
                 s.dead_letters = dead;

@@ -29,6 +29,8 @@ pub struct Change {
     pub lsn: u64,
     /// Whether the source counts it in its transaction's END event (tombstones are not).
     pub counted: bool,
+    /// When the record was written to the log (ms since the epoch).
+    pub timestamp_ms: i64,
 }
 
 impl Change {
@@ -36,6 +38,7 @@ impl Change {
         let pos = Position::from_headers(&r.headers);
         let key = r.key.unwrap_or_default();
         let mut change = Change {
+            timestamp_ms: r.timestamp_ms,
             offset: r.offset,
             key,
             op: Op::Delete,

@@ -86,6 +86,10 @@ pub struct ViewStatus {
     pub skipped: u64,
     /// Highest source LSN applied.
     pub version: u64,
+    /// When the newest input record applied was written to the log (ms since the epoch): how
+    /// far behind the view is while it has lag.
+    #[serde(default)]
+    pub applied_ms: i64,
     /// With shared work: the output partitions this process owns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<Vec<u32>>,
@@ -676,6 +680,7 @@ impl<'v> Worker<'v> {
         self.view.set_status(|s| {
             s.changes += 1;
             s.version = s.version.max(c.lsn);
+            s.applied_ms = s.applied_ms.max(c.timestamp_ms);
         });
         Ok(())
     }

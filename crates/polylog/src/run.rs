@@ -350,13 +350,26 @@ fn status_json(
         .map(|(n, s)| {
             let mut v = json_of(s);
             v["slot"] = slots.slots.get(n).cloned().unwrap_or_default();
+            v["lag_seconds"] = serde_json::json!(v["behind_ms"].as_f64().unwrap_or(0.0) / 1000.0);
             (n.clone(), v)
         })
         .collect();
+    // Seconds behind: for a view or sink with lag, since the newest record it applied was
+    // written (the next one is at most that old); 0 without lag.
+    let now = polylog_log::now_ms();
+    let behind = |mut v: serde_json::Value, at: &str| {
+        let lag = v["lag"].as_u64().unwrap_or(0);
+        v["lag_seconds"] = match v[at].as_i64() {
+            _ if lag == 0 => serde_json::json!(0.0),
+            Some(t) if t > 0 => serde_json::json!((now - t).max(0) as f64 / 1000.0),
+            _ => serde_json::Value::Null,
+        };
+        v
+    };
     let views: serde_json::Map<String, serde_json::Value> =
-        views.iter().map(|(n, v)| (n.clone(), json_of(&v.status))).collect();
+        views.iter().map(|(n, v)| (n.clone(), behind(json_of(&v.status), "applied_ms"))).collect();
     let sinks: serde_json::Map<String, serde_json::Value> =
-        sinks.iter().map(|(n, s)| (n.clone(), json_of(&s.status))).collect();
+        sinks.iter().map(|(n, s)| (n.clone(), behind(json_of(&s.status), "written_ms"))).collect();
     let rollups: serde_json::Map<String, serde_json::Value> =
         rollups.iter().map(|(n, r)| (n.clone(), json_of(&r.status))).collect();
     serde_json::json!({

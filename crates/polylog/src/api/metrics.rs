@@ -1,10 +1,10 @@
 //! `GET /metrics`: Prometheus text format (version 0.0.4).
 //!
 //! From the status every component reports: `polylog_source_events_total`,
-//! `_transactions_total`, `_snapshot_rows_total`, `_slot_lag_bytes`, `_errors_total`;
-//! `polylog_view_changes_total`, `_documents_total`, `_lag_records`, `_errors_total`;
-//! `polylog_sink_records_total`, `_batches_total`, `_dead_letters_total`, `_lag_records`,
-//! `_errors_total`; `polylog_rollup_events_total`, `_late_events_total`, `_lag_records`,
+//! `_transactions_total`, `_snapshot_rows_total`, `_lag_seconds`, `_slot_lag_bytes`,
+//! `_errors_total`; `polylog_view_changes_total`, `_documents_total`, `_lag_records`,
+//! `_lag_seconds`, `_errors_total`; `polylog_sink_records_total`, `_batches_total`,
+//! `_dead_letters_total`, `_lag_records`, `_lag_seconds`, `_errors_total`; `polylog_rollup_events_total`, `_late_events_total`, `_lag_records`,
 //! `_errors_total`; `polylog_collector_requests_total`, `_events_accepted_total`,
 //! `_events_rejected_total`; `polylog_component_up` (0 for a failed or stopped one).
 //! From the log: `polylog_topic_end_offset` and `polylog_topic_start_offset` per partition,
@@ -56,12 +56,24 @@ const SOURCE: Fields = &[
     ("events", "events_total", "counter", "Change events captured."),
     ("transactions", "transactions_total", "counter", "Transactions captured."),
     ("snapshot_rows", "snapshot_rows_total", "counter", "Rows read by snapshots."),
+    (
+        "lag_seconds",
+        "lag_seconds",
+        "gauge",
+        "How long after its commit the last transaction was captured.",
+    ),
     ("errors", "errors_total", "counter", "Errors met (each retry's cause)."),
 ];
 const VIEW: Fields = &[
     ("changes", "changes_total", "counter", "Input changes applied."),
     ("documents", "documents_total", "counter", "Documents written."),
     ("lag", "lag_records", "gauge", "Input records not yet applied."),
+    (
+        "lag_seconds",
+        "lag_seconds",
+        "gauge",
+        "With lag: seconds since the newest applied record was written.",
+    ),
     ("errors", "errors_total", "counter", "Errors met."),
 ];
 const SINK: Fields = &[
@@ -69,6 +81,12 @@ const SINK: Fields = &[
     ("batches", "batches_total", "counter", "Batches written to the target."),
     ("dead_letters", "dead_letters_total", "counter", "Records the target rejected."),
     ("lag", "lag_records", "gauge", "Records of its topics not yet written."),
+    (
+        "lag_seconds",
+        "lag_seconds",
+        "gauge",
+        "With lag: seconds since the newest written record was appended.",
+    ),
     ("errors", "errors_total", "counter", "Errors met (each retry's cause)."),
 ];
 const ROLLUP: Fields = &[

@@ -181,7 +181,10 @@ fn status_and_metrics_match_the_positions_of_a_known_workload() {
     assert_eq!(ends, 170);
     let files = json!({"sink": "files"});
     assert_eq!(sample(&m, "polylog_sink_records_total", files.clone()), Some(170.0), "{text}");
-    assert_eq!(sample(&m, "polylog_sink_lag_records", files), Some(0.0));
+    assert_eq!(sample(&m, "polylog_sink_lag_records", files.clone()), Some(0.0));
+    assert_eq!(sample(&m, "polylog_sink_lag_seconds", files), Some(0.0), "caught up");
+    let behind = sample(&m, "polylog_source_lag_seconds", json!({"source": "app"}));
+    assert!(behind.is_some_and(|s| (0.0..60.0).contains(&s)), "{behind:?}");
     assert_eq!(
         sample(&m, "polylog_component_up", json!({"kind": "source", "name": "app"})),
         Some(1.0)
