@@ -113,11 +113,13 @@ fn follow(api: &Api, filter: &Filter, from: From, mut stream: &TcpStream) -> std
             open_readers(api, filter, start, &mut readers);
             rescanned = Some(Instant::now());
         }
+        // A batch of one partition at a time goes out before the next is read: what a feed
+        // holds is bounded by one poll.
         let mut any = false;
-        let mut out = String::new();
         for ((topic, _), r) in readers.iter_mut() {
             let Ok(records) = r.poll(500, Duration::ZERO) else { continue };
             any |= !records.is_empty();
+            let mut out = String::new();
             for rec in &records {
                 if let Some(ev) = event(topic, rec, filter) {
                     out.push_str(&format!(
@@ -126,12 +128,13 @@ fn follow(api: &Api, filter: &Filter, from: From, mut stream: &TcpStream) -> std
                     ));
                 }
             }
+            if !out.is_empty() {
+                stream.write_all(out.as_bytes())?;
+                stream.flush()?;
+                written = Instant::now();
+            }
         }
-        if !out.is_empty() {
-            stream.write_all(out.as_bytes())?;
-            stream.flush()?;
-            written = Instant::now();
-        } else if written.elapsed() >= KEEPALIVE {
+        if written.elapsed() >= KEEPALIVE {
             stream.write_all(b": keepalive\n\n")?;
             stream.flush()?;
             written = Instant::now();
