@@ -56,7 +56,8 @@ pub struct SourceStatus {
     pub events: u64,
     pub transactions: u64,
     /// How long after its commit the last transaction was captured (ms): how far behind the
-    /// source is (Debezium's `MilliSecondsBehindSource`).
+    /// source is (Debezium's `MilliSecondsBehindSource`); 0 once the server's keepalive says it
+    /// has sent everything.
     #[serde(default)]
     pub behind_ms: i64,
     pub snapshot_rows: u64,
@@ -1099,6 +1100,9 @@ impl<'a> Streamer<'a> {
                 Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
                     if self.tx.is_none() {
                         self.idle_lsn = self.idle_lsn.max(wal_end);
+                        // Between transactions, a keepalive says the server has sent
+                        // everything: the source is not behind.
+                        self.src.set_status(|s| s.behind_ms = 0);
                     }
                     reply = reply_requested;
                 }

@@ -333,7 +333,8 @@ fn search_works(listen: &str, token: Option<&str>) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect(listen) else { return false };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req = format!("GET /v1/search/videos?q=*&limit=1 HTTP/1.1\r\nHost: x\r\n{auth}\r\n");
+    let req =
+        format!("GET /v1/search/videos?q=*&limit=1 HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n");
     if s.write_all(req.as_bytes()).is_err() {
         return false;
     }

@@ -136,6 +136,11 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     api.indexes = Arc::clone(&indexes);
     api.rollups = rollups.clone();
     (api.feed_topics, api.feed_skip) = feed_topics(config);
+    api.loopback = config
+        .api
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .map_or(config.api.listen.starts_with("localhost:"), |a| a.ip().is_loopback());
     let api = Arc::new(api);
     let collector = match &config.collector {
         None => None,
@@ -177,6 +182,7 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             st.state == "starting" || st.state == "retrying"
         })
     };
+    let slots = watch_slots(config, &statuses, Arc::clone(&stop));
     std::thread::scope(|scope| {
         for (name, src) in &srcs {
             let (stop, fail) = (&stop, &fail);
@@ -245,26 +251,23 @@ pub fn run_with(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 }
             });
         }
-        scope.spawn(|| {
-            let mut slots = SlotWatch::default();
-            loop {
-                let stopping = stop.load(Ordering::SeqCst);
-                slots.refresh(config, &statuses);
-                let body = status_json(
-                    &statuses,
-                    &views,
-                    &sinks,
-                    collector_stats.as_deref(),
-                    &rollups,
-                    &slots,
-                );
-                write_status(config, &body);
-                api.set_status(body);
-                if stopping {
-                    break;
-                }
-                std::thread::sleep(STATUS_INTERVAL);
+        scope.spawn(|| loop {
+            let stopping = stop.load(Ordering::SeqCst);
+            let slots = slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let body = status_json(
+                &statuses,
+                &views,
+                &sinks,
+                collector_stats.as_deref(),
+                &rollups,
+                &slots,
+            );
+            write_status(config, &body);
+            api.set_status(body);
+            if stopping {
+                break;
             }
+            std::thread::sleep(STATUS_INTERVAL);
         });
     });
     let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -292,45 +295,59 @@ fn feed_topics(config: &Config) -> (Vec<String>, Vec<String>) {
     (follow, skip)
 }
 
-/// Each source's slot: its `wal_status` and the WAL it holds back, read from Postgres every
-/// 5 s (not every second: it is a connection each time) and whenever a source's state changes
-/// (a slot appears as a source starts).
-#[derive(Default)]
-struct SlotWatch {
-    checked: Option<std::time::Instant>,
-    states: Vec<String>,
-    slots: BTreeMap<String, serde_json::Value>,
-}
+/// Each source's slot: its `wal_status` and the WAL it holds back, by source name.
+type Slots = Arc<Mutex<BTreeMap<String, serde_json::Value>>>;
 
-impl SlotWatch {
-    fn refresh(&mut self, config: &Config, sources: &[(String, Arc<Mutex<SourceStatus>>)]) {
-        let states: Vec<String> = sources
-            .iter()
-            .map(|(_, s)| s.lock().unwrap_or_else(|e| e.into_inner()).state.clone())
-            .collect();
-        if self.checked.is_some_and(|t| t.elapsed() < Duration::from_secs(5))
-            && states == self.states
-        {
-            return;
-        }
-        self.states = states;
-        self.checked = Some(std::time::Instant::now());
-        for (name, s) in &config.sources {
-            let SourceConfig::Postgres(pg) = s;
+/// Reads each source's slot from Postgres every 5 s (not every second: it is a connection
+/// each time) and whenever a source's state changes (a slot appears as a source starts), on a
+/// thread of its own: a Postgres that does not answer holds neither the status nor a stop.
+fn watch_slots(
+    config: &Config,
+    sources: &[(String, Arc<Mutex<SourceStatus>>)],
+    stop: Arc<AtomicBool>,
+) -> Slots {
+    let slots = Slots::default();
+    let targets: Vec<(String, String, String, Arc<Mutex<SourceStatus>>)> = sources
+        .iter()
+        .filter_map(|(name, status)| {
+            let SourceConfig::Postgres(pg) = config.sources.get(name)?;
             let slot =
                 pg.slot.clone().unwrap_or_else(|| polylog_postgres::default_object_name(name));
-            let v = match slot_lag(&pg.url, &slot) {
-                Ok(Some((wal_status, lag))) => {
-                    serde_json::json!({"name": slot, "state": wal_status, "lag_bytes": lag})
-                }
-                Ok(None) => serde_json::json!({"name": slot, "state": "missing"}),
-                Err(e) => {
-                    serde_json::json!({"name": slot, "state": "unreachable", "error": e.to_string()})
-                }
-            };
-            self.slots.insert(name.clone(), v);
-        }
+            Some((name.clone(), pg.url.clone(), slot, Arc::clone(status)))
+        })
+        .collect();
+    if targets.is_empty() {
+        return slots;
     }
+    let shared = Arc::clone(&slots);
+    std::thread::spawn(move || {
+        let mut states = Vec::new();
+        let mut checked: Option<std::time::Instant> = None;
+        while !stop.load(Ordering::SeqCst) {
+            let now: Vec<String> = targets
+                .iter()
+                .map(|t| t.3.lock().unwrap_or_else(|e| e.into_inner()).state.clone())
+                .collect();
+            if checked.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) || now != states {
+                states = now;
+                checked = Some(std::time::Instant::now());
+                for (name, url, slot, _) in &targets {
+                    let v = match slot_lag(url, slot) {
+                        Ok(Some((wal_status, lag))) => {
+                            serde_json::json!({"name": slot, "state": wal_status, "lag_bytes": lag})
+                        }
+                        Ok(None) => serde_json::json!({"name": slot, "state": "missing"}),
+                        Err(e) => {
+                            serde_json::json!({"name": slot, "state": "unreachable", "error": e.to_string()})
+                        }
+                    };
+                    shared.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), v);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    slots
 }
 
 /// What `/v1/status` answers and the status file holds.
@@ -340,7 +357,7 @@ fn status_json(
     sinks: &[(String, Sink)],
     collector: Option<&polylog_events::Collector>,
     rollups: &BTreeMap<String, Arc<polylog_events::Rollup>>,
-    slots: &SlotWatch,
+    slots: &BTreeMap<String, serde_json::Value>,
 ) -> serde_json::Value {
     fn json_of<T: serde::Serialize>(v: &Mutex<T>) -> serde_json::Value {
         serde_json::to_value(&*v.lock().unwrap_or_else(|e| e.into_inner())).unwrap_or_default()
@@ -349,7 +366,7 @@ fn status_json(
         .iter()
         .map(|(n, s)| {
             let mut v = json_of(s);
-            v["slot"] = slots.slots.get(n).cloned().unwrap_or_default();
+            v["slot"] = slots.get(n).cloned().unwrap_or_default();
             v["lag_seconds"] = serde_json::json!(v["behind_ms"].as_f64().unwrap_or(0.0) / 1000.0);
             (n.clone(), v)
         })

@@ -98,26 +98,32 @@ pub fn handle(api: &Api, req: &Request, _: &[String], stream: &TcpStream) -> Rep
 /// Streams until the client goes away or the process stops.
 fn follow(api: &Api, filter: &Filter, from: From, mut stream: &TcpStream) -> std::io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    // The readers start before the answer does: a client acting on the answer misses nothing.
+    let mut readers: BTreeMap<(String, u32), Box<dyn LogReader>> = BTreeMap::new();
+    open_readers(api, filter, from, &mut readers);
+    let mut rescanned = Instant::now();
     write!(
         stream,
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n: polylog change feed\n\n"
     )?;
     stream.flush()?;
-    let mut readers: BTreeMap<(String, u32), Box<dyn LogReader>> = BTreeMap::new();
-    let mut rescanned: Option<Instant> = None;
     let mut written = Instant::now();
     while !api.stop.load(Ordering::SeqCst) {
-        if rescanned.is_none_or(|t| t.elapsed() >= RESCAN) {
-            // Topics that appear later are read from their beginning: all of them is new.
-            let start = if rescanned.is_none() { from } else { From::Beginning };
-            open_readers(api, filter, start, &mut readers);
-            rescanned = Some(Instant::now());
+        if rescanned.elapsed() >= RESCAN {
+            // Topics that appear later are read from their beginning: all of them is new (as
+            // is a partition whose reader failed, its records gone to retention, say).
+            open_readers(api, filter, From::Beginning, &mut readers);
+            rescanned = Instant::now();
         }
         // A batch of one partition at a time goes out before the next is read: what a feed
         // holds is bounded by one poll.
         let mut any = false;
-        for ((topic, _), r) in readers.iter_mut() {
-            let Ok(records) = r.poll(500, Duration::ZERO) else { continue };
+        let mut failed = Vec::new();
+        for ((topic, p), r) in readers.iter_mut() {
+            let Ok(records) = r.poll(500, Duration::ZERO) else {
+                failed.push((topic.clone(), *p));
+                continue;
+            };
             any |= !records.is_empty();
             let mut out = String::new();
             for rec in &records {
@@ -133,6 +139,9 @@ fn follow(api: &Api, filter: &Filter, from: From, mut stream: &TcpStream) -> std
                 stream.flush()?;
                 written = Instant::now();
             }
+        }
+        for k in failed {
+            readers.remove(&k);
         }
         if written.elapsed() >= KEEPALIVE {
             stream.write_all(b": keepalive\n\n")?;
@@ -163,9 +172,9 @@ fn open_readers(
             }
             let start = match from {
                 From::Beginning => StartAt::Offset(p.start_offset),
-                From::End => StartAt::Offset(p.end_offset),
+                From::End => StartAt::Offset(p.durable_offset),
                 From::Last(n) => {
-                    StartAt::Offset(p.end_offset.saturating_sub(n).max(p.start_offset))
+                    StartAt::Offset(p.durable_offset.saturating_sub(n).max(p.start_offset))
                 }
             };
             if let Ok(r) = api.log.reader(t, p.partition, start) {

@@ -43,6 +43,8 @@ const RECORDS_MAX: usize = 10_000;
 const READ_MAX: usize = 1_000;
 /// How long a produce request waits for its records to become durable.
 const DURABLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client has to send its whole request.
+const REQUEST_TIME: Duration = Duration::from_secs(10);
 /// Statuses kept for the charts: 15 minutes at one a second.
 const HISTORY_MAX: usize = 900;
 
@@ -59,6 +61,9 @@ pub struct Api {
     pub feed_skip: Vec<String>,
     /// Set when the process stops: ends change feeds.
     pub stop: Arc<AtomicBool>,
+    /// Served on a loopback address: requests must name a loopback host (a page that rebinds
+    /// its own name to 127.0.0.1 cannot read or write through the browser).
+    pub loopback: bool,
     /// The last [`HISTORY_MAX`] statuses, reduced to counters and lags, for the dashboard's
     /// charts.
     history: Mutex<VecDeque<Value>>,
@@ -78,6 +83,7 @@ impl Api {
             feed_topics: vec!["*".into()],
             feed_skip: Vec::new(),
             stop,
+            loopback: false,
             history: Mutex::new(VecDeque::new()),
             requests: Mutex::new(BTreeMap::new()),
             feeds: AtomicUsize::new(0),
@@ -127,14 +133,36 @@ impl Api {
             let (scheme, t) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| t.trim())
         });
-        // The dashboard's cookie reads only: a page elsewhere cannot make a browser write.
-        let cookie = req.header("cookie").filter(|_| req.method == "GET").and_then(|c| {
-            c.split(';').find_map(|kv| kv.trim().strip_prefix("polylog_token=").map(url_decode))
+        if bearer.is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())) {
+            return true;
+        }
+        // The dashboard's session cookie reads only: a page elsewhere cannot make a browser
+        // write, and the cookie (HttpOnly) is not the token.
+        let session = req.header("cookie").filter(|_| req.method == "GET").and_then(|c| {
+            c.split(';').find_map(|kv| {
+                kv.trim().strip_prefix(SESSION_COOKIE).and_then(|v| v.strip_prefix('='))
+            })
         });
-        [bearer.map(str::to_string), cookie]
-            .iter()
-            .flatten()
-            .any(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
+        session.is_some_and(|given| constant_time_eq(given.as_bytes(), read_key(token).as_bytes()))
+    }
+
+    /// Refuses a request that names another host than a loopback one, when serving loopback.
+    fn refuse_host(&self, req: &Request) -> Option<Reply> {
+        if !self.loopback {
+            return None;
+        }
+        let host = req.header("host").unwrap_or("");
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.split(':').next().unwrap_or(""),
+        };
+        if ["localhost", "127.0.0.1", "::1"].contains(&name.to_ascii_lowercase().as_str()) {
+            return None;
+        }
+        Some(error(
+            403,
+            format!("Host {host:?} is not this server's loopback address; to serve other hosts, listen on another address and set a token"),
+        ))
     }
 
     fn count(&self, route: &'static str, code: u16) {
@@ -147,8 +175,18 @@ impl Api {
     }
 }
 
+/// The dashboard's session cookie.
+pub(crate) const SESSION_COOKIE: &str = "polylog_session";
+
+/// The session cookie's value for a token: a digest that grants reads only.
+pub(crate) fn read_key(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("polylog dashboard, read only\0{token}").as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Equal contents, in time that depends only on the lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let n = a.len().max(b.len());
     let mut diff = u8::from(a.len() != b.len());
     for i in 0..n {
@@ -200,6 +238,8 @@ impl Request {
 pub enum Reply {
     Json(u16, Value),
     Bytes(u16, &'static str, Vec<u8>),
+    /// With headers of its own.
+    Headed(u16, Vec<(&'static str, String)>, &'static str, Vec<u8>),
     Streamed,
 }
 
@@ -245,6 +285,7 @@ impl Route {
 /// Every route the API serves, in the order they are tried.
 pub const ROUTES: &[Route] = &[
     Route { method: "GET", pattern: "/health", public: true, handler: health },
+    Route { method: "POST", pattern: "/login", public: true, handler: ui::login },
     Route::new("GET", "/", ui::page),
     Route::new("GET", "/changes", ui::page),
     Route::new("GET", "/search", ui::page),
@@ -266,46 +307,108 @@ pub const ROUTES: &[Route] = &[
 ];
 
 fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
-    let (route, reply) = match read_request(stream) {
+    let (route, reply) = match read_request(stream, api) {
         Err(reply) => ("(unreadable)", reply),
         Ok(req) => dispatch(stream, api, &req),
     };
     let code = match &reply {
-        Reply::Json(c, _) | Reply::Bytes(c, _, _) => *c,
+        Reply::Json(c, _) | Reply::Bytes(c, _, _) | Reply::Headed(c, _, _, _) => *c,
         Reply::Streamed => 200,
     };
     api.count(route, code);
     match reply {
         Reply::Json(c, v) => respond(stream, c, &v),
         Reply::Bytes(c, t, b) => respond_bytes(stream, c, t, &b),
+        Reply::Headed(c, headers, t, b) => respond_headed(stream, c, &headers, t, &b),
         Reply::Streamed => Ok(()),
     }
 }
 
-fn dispatch(stream: &TcpStream, api: &Api, req: &Request) -> (&'static str, Reply) {
+/// An answer with headers of its own (`Set-Cookie`, `Location`, `Allow`, `WWW-Authenticate`).
+fn respond_headed(
+    mut stream: &TcpStream,
+    code: u16,
+    headers: &[(&'static str, String)],
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let reason = match code {
+        303 => "See Other",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        405 => "Method Not Allowed",
+        _ => "",
+    };
+    let mut head = format!("HTTP/1.1 {code} {reason}\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+fn is_json(req: &Request) -> bool {
+    req.header("content-type").is_some_and(|t| {
+        t.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    })
+}
+
+/// The route a request names and its `{name}` values, or every route its path matches.
+fn route_of(req: &Request) -> (Option<(&'static Route, Vec<String>)>, Vec<&'static Route>) {
     let matched: Vec<(&Route, Vec<String>)> =
         ROUTES.iter().filter_map(|r| r.matches(&req.path).map(|a| (r, a))).collect();
-    let exact = matched.iter().find(|(r, _)| r.method == req.method);
-    let name = exact.or(matched.first()).map_or("(no route)", |(r, _)| r.pattern);
-    if !exact.is_some_and(|(r, _)| r.public) && !api.authorized(req) {
-        let browser = req.header("accept").is_some_and(|a| a.contains("text/html"));
-        let reply = if browser {
-            Reply::Bytes(401, "text/html; charset=utf-8", ui::LOGIN.as_bytes().to_vec())
-        } else {
-            Reply::Json(
-                401,
-                json!({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"}),
-            )
-        };
-        return (name, reply);
+    let others = matched.iter().map(|(r, _)| *r).collect();
+    (matched.into_iter().find(|(r, _)| r.method == req.method), others)
+}
+
+/// The refusal of a request without the token: for a browser, the sign-in page.
+fn unauthorized(req: &Request) -> Reply {
+    if req.header("accept").is_some_and(|a| a.contains("text/html")) {
+        let page = ui::login_page(&req.path, None);
+        return Reply::Headed(401, vec![], "text/html; charset=utf-8", page.into_bytes());
+    }
+    let body = json!({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"});
+    Reply::Headed(
+        401,
+        vec![("WWW-Authenticate", "Bearer".into())],
+        "application/json",
+        body.to_string().into_bytes(),
+    )
+}
+
+fn dispatch(stream: &TcpStream, api: &Api, req: &Request) -> (&'static str, Reply) {
+    let (exact, matched) = route_of(req);
+    let name = exact
+        .as_ref()
+        .map(|(r, _)| *r)
+        .or(matched.first().copied())
+        .map_or("(no route)", |r| r.pattern);
+    if let Some(refusal) = api.refuse_host(req) {
+        return (name, refusal);
+    }
+    if !exact.as_ref().is_some_and(|(r, _)| r.public) && !api.authorized(req) {
+        return (name, unauthorized(req));
     }
     let reply = match exact {
-        Some((r, args)) => (r.handler)(api, req, args, stream),
+        // Writes are JSON: a form or a `no-cors` request from another page cannot send it.
+        Some((r, _)) if r.method != "GET" && r.pattern != "/login" && !is_json(req) => {
+            error(415, format!("{} {} takes Content-Type: application/json", r.method, r.pattern))
+        }
+        Some((r, args)) => (r.handler)(api, req, &args, stream),
         None if !matched.is_empty() => {
-            let allowed: Vec<&str> = matched.iter().map(|(r, _)| r.method).collect();
-            error(
+            let allowed: Vec<&str> = matched.iter().map(|r| r.method).collect();
+            let body = json!({"error": format!("{} is not supported here; use {}", req.method, allowed.join(" or "))});
+            Reply::Headed(
                 405,
-                format!("{} is not supported here; use {}", req.method, allowed.join(" or ")),
+                vec![("Allow", allowed.join(", "))],
+                "application/json",
+                body.to_string().into_bytes(),
             )
         }
         None => error(
@@ -320,18 +423,29 @@ fn dispatch(stream: &TcpStream, api: &Api, req: &Request) -> (&'static str, Repl
     (name, reply)
 }
 
-fn read_request(stream: &TcpStream) -> Result<Request, Reply> {
-    let io = |e: std::io::Error| error(400, format!("reading the request: {e}"));
-    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Reads a request within [`REQUEST_TIME`] in all (a client sending a byte now and then does not
+/// hold a connection longer); the body only once the token is checked.
+fn read_request(stream: &TcpStream, api: &Api) -> Result<Request, Reply> {
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            error(408, format!("the request took over {} s", REQUEST_TIME.as_secs()))
+        }
+        _ => error(400, format!("reading the request: {e}")),
+    };
+    let deadline = Instant::now() + REQUEST_TIME;
+    let timed = |stream: &TcpStream| -> Result<(), Reply> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(error(408, format!("the request took over {} s", REQUEST_TIME.as_secs())));
+        }
+        stream.set_read_timeout(Some(left)).map_err(io)
+    };
     let mut reader = BufReader::new(stream);
     let mut head = 0usize;
     let mut line = String::new();
     let mut next_line = |line: &mut String| -> Result<usize, Reply> {
         line.clear();
-        if Instant::now() > deadline {
-            return Err(error(408, "the request head took over 10 s"));
-        }
+        timed(stream)?;
         let n = (&mut reader).take((HEAD_MAX + 1 - head.min(HEAD_MAX)) as u64).read_line(line);
         let n = n.map_err(io)?;
         head += n;
@@ -343,6 +457,9 @@ fn read_request(stream: &TcpStream) -> Result<Request, Reply> {
     next_line(&mut line)?;
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or(""));
+    if method.is_empty() || !target.starts_with('/') {
+        return Err(error(400, "not an HTTP request"));
+    }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut req =
         Request { method, path: path.to_string(), query: query.to_string(), ..Request::default() };
@@ -366,11 +483,29 @@ fn read_request(stream: &TcpStream) -> Result<Request, Reply> {
         Some(Ok(n)) => n,
         Some(Err(_)) => return Err(error(400, "Content-Length is not a number")),
     };
+    if length == 0 {
+        return Ok(req);
+    }
     if length > BODY_MAX {
         return Err(error(413, format!("the body is {length} bytes; at most {BODY_MAX}")));
     }
+    // A body is read only for a request that may send one.
+    let (exact, _) = route_of(&req);
+    if let Some(refusal) = api.refuse_host(&req) {
+        return Err(refusal);
+    }
+    if !exact.as_ref().is_some_and(|(r, _)| r.public) && !api.authorized(&req) {
+        return Err(unauthorized(&req));
+    }
     let mut body = vec![0; length];
-    reader.read_exact(&mut body).map_err(io)?;
+    let mut got = 0;
+    while got < length {
+        timed(stream)?;
+        match reader.read(&mut body[got..]).map_err(io)? {
+            0 => return Err(error(400, "the body ended early")),
+            n => got += n,
+        }
+    }
     req.body = body;
     Ok(req)
 }
@@ -427,7 +562,8 @@ fn log_error(e: LogError) -> Reply {
         LogError::UnknownPartition { .. }
         | LogError::OffsetOutOfRange { .. }
         | LogError::InvalidAppend(_)
-        | LogError::InvalidTopicConfig(_) => error(400, e.to_string()),
+        | LogError::InvalidTopicConfig(_)
+        | LogError::InvalidTopicName { .. } => error(400, e.to_string()),
         LogError::Timeout(_) => error(503, e.to_string()),
         e => error(500, e.to_string()),
     }
@@ -562,9 +698,9 @@ fn read_records(api: &Api, req: &Request, args: &[String], _: &TcpStream) -> Rep
             format!("{topic} has partitions 0 to {}", d.partitions.len().saturating_sub(1)),
         );
     };
-    // `offset` is where to start; without it, the last `limit` records.
+    // `offset` is where to start; without it, the last `limit` durable records.
     let start = match req.param("offset") {
-        None => p.end_offset.saturating_sub(limit as u64).max(p.start_offset),
+        None => p.durable_offset.saturating_sub(limit as u64).max(p.start_offset),
         Some(_) => match num("offset", 0) {
             Ok(o) => o.max(p.start_offset),
             Err(r) => return r,
@@ -576,7 +712,8 @@ fn read_records(api: &Api, req: &Request, args: &[String], _: &TcpStream) -> Rep
     };
     let mut records = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while records.len() < limit && reader.position() < p.end_offset && Instant::now() < deadline {
+    while records.len() < limit && reader.position() < p.durable_offset && Instant::now() < deadline
+    {
         match reader.poll(limit - records.len(), Duration::from_millis(200)) {
             Ok(got) => records.extend(got),
             Err(e) => return log_error(e),
@@ -598,7 +735,7 @@ fn read_records(api: &Api, req: &Request, args: &[String], _: &TcpStream) -> Rep
         .collect();
     Reply::Json(
         200,
-        json!({"topic": topic, "partition": partition, "records": records, "next_offset": next, "end_offset": p.end_offset}),
+        json!({"topic": topic, "partition": partition, "records": records, "next_offset": next, "durable_offset": p.durable_offset}),
     )
 }
 
@@ -683,11 +820,22 @@ fn produce(api: &Api, req: &Request, args: &[String], _: &TcpStream) -> Reply {
     }
     let mut offsets = vec![Value::Null; items.len()];
     let mut ends = Vec::new();
+    // A failure after some partitions were appended says which records were written (they
+    // become durable all the same): a client retrying knows what it repeats.
+    let partial = |e: LogError, offsets: &[Value]| -> Reply {
+        match log_error(e) {
+            Reply::Json(code, mut body) if offsets.iter().any(|o| !o.is_null()) => {
+                body["offsets"] = json!(offsets);
+                Reply::Json(code, body)
+            }
+            other => other,
+        }
+    };
     for (p, batch) in &by_partition {
         let records: Vec<Record> = batch.iter().map(|(_, r)| r.clone()).collect();
         let a = match api.log.append(topic, *p, &records) {
             Ok(a) => a,
-            Err(e) => return log_error(e),
+            Err(e) => return partial(e, &offsets),
         };
         for (n, (i, _)) in batch.iter().enumerate() {
             offsets[*i] = json!({"partition": p, "offset": a.base_offset + n as u64});
@@ -696,7 +844,7 @@ fn produce(api: &Api, req: &Request, args: &[String], _: &TcpStream) -> Reply {
     }
     for (p, end) in ends {
         if let Err(e) = api.log.wait_durable(topic, p, end, DURABLE_TIMEOUT) {
-            return log_error(e);
+            return partial(e, &offsets);
         }
     }
     Reply::Json(200, json!({ "offsets": offsets }))
@@ -798,47 +946,55 @@ mod tests {
     /// The status code of the answer (the rest is not read: the change feed does not end).
     fn status_code(addr: &str, method: &str, path: &str, headers: &str) -> u16 {
         let mut s = TcpStream::connect(addr).expect("connect");
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 0\r\n\r\n")
-            .expect("request");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Content-Length: 0\r\n\r\n"
+        )
+        .expect("request");
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line).expect("status line");
         line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
     }
 
-    /// Every route of the router, with each `{name}` filled in: without the token, or with a
-    /// wrong one, only `/health` answers; with the token (as a header or the dashboard's
-    /// cookie) every route is past the check.
+    /// Every route of the router, with each `{name}` filled in: without the token, with wrong
+    /// ones, with the session cookie's value as a bearer token or the token as the cookie, only
+    /// the public routes answer; with the token every route is past the check, and the
+    /// dashboard's session cookie passes for reads only.
     #[test]
     fn every_route_but_health_refuses_a_request_without_the_token() {
         let (addr, stop, _dir) = start(Some("s3cret-token"));
         assert!(ROUTES.len() >= 10);
+        let key = read_key("s3cret-token");
+        let session = format!("Cookie: a=b; {SESSION_COOKIE}={key}\r\n");
+        let json = "Content-Type: application/json\r\n";
         for r in ROUTES {
             let path: Vec<&str> =
                 r.pattern.split('/').map(|s| if s.starts_with('{') { "x" } else { s }).collect();
             let path = path.join("/");
             let what = format!("{} {}", r.method, r.pattern);
             for wrong in [
-                "",
-                "Authorization: Bearer s3cret-tokeN\r\n",
-                "Authorization: Bearer s3cret\r\n",
-                "Cookie: polylog_token=nope\r\n",
+                String::new(),
+                "Authorization: Bearer s3cret-tokeN\r\n".into(),
+                "Authorization: Bearer s3cret\r\n".into(),
+                format!("Authorization: Bearer {key}\r\n"),
+                format!("Cookie: {SESSION_COOKIE}=s3cret-token\r\n"),
+                format!("Cookie: {SESSION_COOKIE}=nope\r\n"),
             ] {
-                let code = status_code(&addr, r.method, &path, wrong);
+                let code = status_code(&addr, r.method, &path, &format!("{json}{wrong}"));
                 if r.public {
                     assert_ne!(code, 401, "{what} is public");
                 } else {
                     assert_eq!(code, 401, "{what} without the right token ({wrong:?})");
                 }
             }
-            let code =
-                status_code(&addr, r.method, &path, "Authorization: Bearer s3cret-token\r\n");
+            let bearer = format!("{json}Authorization: Bearer s3cret-token\r\n");
+            let code = status_code(&addr, r.method, &path, &bearer);
             assert!(code != 401 && code != 0, "{what} with the token answered {code}");
-            let cookie = "Cookie: a=b; polylog_token=s3cret-token\r\n";
-            let code = status_code(&addr, r.method, &path, cookie);
-            if r.method == "GET" {
-                assert!(code != 401 && code != 0, "{what} with the cookie answered {code}");
+            let code = status_code(&addr, r.method, &path, &format!("{json}{session}"));
+            if r.method == "GET" || r.public {
+                assert!(code != 401 && code != 0, "{what} with the session answered {code}");
             } else {
-                assert_eq!(code, 401, "{what}: the cookie only reads");
+                assert_eq!(code, 401, "{what}: the session only reads");
             }
         }
         assert_eq!(status_code(&addr, "GET", "/nothing/here", ""), 401, "unknown paths too");
@@ -846,6 +1002,39 @@ mod tests {
             status_code(&addr, "GET", "/nothing/here", "Authorization: Bearer s3cret-token\r\n"),
             404
         );
+        // A write that is not JSON is refused before anything happens.
+        let form = "Authorization: Bearer s3cret-token\r\nContent-Type: text/plain\r\n";
+        assert_eq!(status_code(&addr, "PUT", "/v1/topics/t", form), 415);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// On a loopback address, a request naming another host (a page that rebound its name to
+    /// 127.0.0.1) is refused, token or not.
+    #[test]
+    fn on_loopback_other_hosts_are_refused() {
+        let dir = polylog_testkit::TempDir::new("api-host");
+        let log = polylog_log::EmbeddedLog::open(dir.path(), polylog_log::LogOptions::default())
+            .expect("log");
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut api = Api::new(Arc::new(log), None, Arc::clone(&stop));
+        api.loopback = true;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let s = Arc::clone(&stop);
+        let api = Arc::new(api);
+        std::thread::spawn(move || serve(listener, api, &s));
+        let with_host = |host: &str| {
+            let mut s = TcpStream::connect(&addr).expect("connect");
+            write!(s, "GET /v1/status HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("request");
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).expect("status line");
+            line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).unwrap_or(0)
+        };
+        assert_eq!(with_host("evil.example:7700"), 403);
+        assert_eq!(with_host("127.0.0.1.evil.example"), 403);
+        assert_eq!(with_host("localhost:7700"), 200);
+        assert_eq!(with_host("127.0.0.1"), 200);
+        assert_eq!(with_host("[::1]:7700"), 200);
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 

@@ -19,6 +19,7 @@ os.environ.setdefault("SE_OFFLINE", "true")  # never look for drivers on the net
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
 from selenium.webdriver.support.ui import Select  # noqa: E402
 
 BASE, TOKEN, SHOTS = sys.argv[1].rstrip("/"), sys.argv[2], sys.argv[3]
@@ -86,14 +87,22 @@ def pages(d):
     q = lambda css: d.find_element(By.CSS_SELECTOR, css)  # noqa: E731
     qs = lambda css: d.find_elements(By.CSS_SELECTOR, css)  # noqa: E731
 
-    # Sign-in: without the token the dashboard asks for it; a wrong one is asked again.
-    d.get(BASE + "/")
+    # Sign-in: without the token the dashboard asks for it; a wrong one is asked again, and
+    # the session cookie it sets is not readable by scripts (HttpOnly).
+    d.get(BASE + "/reports")
     check(d.find_elements(By.ID, "token"), "the dashboard asks for the token first")
-    q("#token").send_keys("wrong")
+    old = q("#token")
+    old.send_keys("wrong")
     q("#login button").click()
-    wait("a wrong token is asked again", lambda: qs("#token"))
-    q("#token").send_keys(TOKEN)
+    wait("a wrong token is asked again", lambda: staleness_of(old)(d) and qs("#token")
+         and "not the API token" in q("form").text)
+    old = q("#token")
+    old.send_keys(TOKEN)
     q("#login button").click()
+    wait("back to the page asked for, signed in", lambda: staleness_of(old)(d)
+         and d.current_url.split("?")[0].endswith("/reports") and qs("#rep-range"))
+    check(d.execute_script("return document.cookie") == "", "the session cookie is HttpOnly")
+    d.get(BASE + "/")
 
     # Pipelines: every component with its state and counts, and both charts drawn.
     wait("the pipelines page", lambda: "Pipelines" in q("h1").text)

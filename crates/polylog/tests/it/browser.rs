@@ -84,8 +84,9 @@ fn every_dashboard_page_loads_shows_real_data_and_responds() {
 fn rollup_has_events(listen: &str, token: &str) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(listen) else { return false };
-    let req =
-        format!("GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let req = format!(
+        "GET /v1/status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
     if s.write_all(req.as_bytes()).is_err() {
         return false;
     }

@@ -241,7 +241,7 @@ fn quickstart_runs_the_whole_pipeline_and_serves_search() {
 fn http_get(listen: &str, path: &str) -> String {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(listen).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("request");
     let mut body = String::new();
     s.read_to_string(&mut body).expect("response");
     body
@@ -493,7 +493,7 @@ fn run_collects_events_anonymized_and_status_counts_them() {
             use std::io::Read;
             write!(
                 s,
-                "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             )
             .expect("post");
@@ -549,7 +549,8 @@ type Totals = (std::collections::BTreeMap<String, [u64; 6]>, u64);
 fn report_totals(listen: &str, query: &str) -> Option<Totals> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(listen).ok()?;
-    write!(s, "GET /v1/reports/r?{query}&group_by=campaign_id HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    write!(s, "GET /v1/reports/r?{query}&group_by=campaign_id HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()?;
