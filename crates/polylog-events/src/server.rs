@@ -48,20 +48,34 @@ pub fn respond(stream: &TcpStream, status: u16, body: &serde_json::Value) -> std
 
 /// Writes an answer of any type and ends the exchange (`Connection: close`).
 pub fn respond_bytes(
+    stream: &TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    respond_with(stream, status, &[], content_type, body)
+}
+
+/// Writes an answer with headers of its own (`Location`, `Set-Cookie`, ...) and ends the
+/// exchange (`Connection: close`).
+pub fn respond_with(
     mut stream: &TcpStream,
     status: u16,
+    headers: &[(&str, String)],
     content_type: &str,
     body: &[u8],
 ) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         201 => "Created",
+        303 => "See Other",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
-        409 => "Conflict",
         408 => "Request Timeout",
+        409 => "Conflict",
         411 => "Length Required",
         413 => "Payload Too Large",
         415 => "Unsupported Media Type",
@@ -70,11 +84,15 @@ pub fn respond_bytes(
         503 => "Service Unavailable",
         _ => "Error",
     };
-    write!(
-        stream,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )?;
+    ));
+    stream.write_all(head.as_bytes())?;
     stream.write_all(body)?;
     stream.flush()
 }

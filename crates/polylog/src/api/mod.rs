@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use polylog_events::server::{respond, respond_bytes, url_decode};
+use polylog_events::server::{respond, respond_bytes, respond_with, url_decode};
 use polylog_log::{Log, LogError, Record, StartAt};
 use polylog_sinks::search::SearchIndexes;
 use serde_json::{json, Value};
@@ -319,38 +319,9 @@ fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
     match reply {
         Reply::Json(c, v) => respond(stream, c, &v),
         Reply::Bytes(c, t, b) => respond_bytes(stream, c, t, &b),
-        Reply::Headed(c, headers, t, b) => respond_headed(stream, c, &headers, t, &b),
+        Reply::Headed(c, headers, t, b) => respond_with(stream, c, &headers, t, &b),
         Reply::Streamed => Ok(()),
     }
-}
-
-/// An answer with headers of its own (`Set-Cookie`, `Location`, `Allow`, `WWW-Authenticate`).
-fn respond_headed(
-    mut stream: &TcpStream,
-    code: u16,
-    headers: &[(&'static str, String)],
-    content_type: &str,
-    body: &[u8],
-) -> std::io::Result<()> {
-    use std::io::Write;
-    let reason = match code {
-        303 => "See Other",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        405 => "Method Not Allowed",
-        _ => "",
-    };
-    let mut head = format!("HTTP/1.1 {code} {reason}\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str(&format!(
-        "Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    stream.flush()
 }
 
 fn is_json(req: &Request) -> bool {

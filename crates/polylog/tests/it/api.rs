@@ -23,6 +23,18 @@ impl Drop for Running {
     }
 }
 
+/// Starts `polylog <args>` in `dir` and waits until its API listens on `addr`.
+fn run_api(dir: &std::path::Path, addr: &str, args: &[&str], stderr: Stdio) -> Running {
+    let run =
+        Running(polylog(dir).args(args).stdout(Stdio::null()).stderr(stderr).spawn().expect("run"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the API never listened");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    run
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
@@ -117,20 +129,8 @@ fn status_and_metrics_match_the_positions_of_a_known_workload() {
         ),
     )
     .expect("config");
-    let _run = Running(
-        polylog(d.path())
-            .args(["run"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run"),
-    );
+    let _run = run_api(d.path(), &addr, &["run"], Stdio::null());
     // Health answers without the token.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "the API never listened");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     let mut s = TcpStream::connect(&addr).expect("connect");
     write!(s, "GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("request");
     let mut health = String::new();
@@ -262,19 +262,7 @@ fn the_change_feed_filters_and_topics_take_and_give_records() {
     .expect("config");
     // Logs as JSON lines, for log collectors.
     let log = std::fs::File::create(d.path().join("stderr.log")).expect("log file");
-    let _run = Running(
-        polylog(d.path())
-            .args(["--log-format", "json", "run"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("run"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "the API never listened");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _run = run_api(d.path(), &addr, &["--log-format", "json", "run"], log.into());
     wait_status(&addr, "the source streams", |s| s["sources"]["app"]["state"] == "streaming");
     let logged = std::fs::read_to_string(d.path().join("stderr.log")).expect("log");
     let lines: Vec<Value> = logged

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use polylog_testkit::TempDir;
 
-use crate::polylog;
+use crate::{polylog, until_running};
 
 /// The quickstart, stopped with SIGTERM (it then stops its Postgres) however the test ends.
 struct Quickstart(Child);
@@ -45,15 +45,7 @@ fn every_dashboard_page_loads_shows_real_data_and_responds() {
         .expect("quickstart");
     let stdout = child.stdout.take().expect("stdout");
     let _running = Quickstart(child);
-    let mut printed = String::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("a line");
-        printed.push_str(&line);
-        printed.push('\n');
-        if line.contains("Try, in another terminal") {
-            break;
-        }
-    }
+    let printed = until_running(&mut BufReader::new(stdout).lines());
     assert!(printed.contains("3. Running"), "{printed}");
     assert!(printed.contains(&format!("http://{listen}/")), "the dashboard's address: {printed}");
     // Events take a few seconds to reach the rollup: the reports page needs some.

@@ -203,15 +203,7 @@ fn quickstart_runs_the_whole_pipeline_and_serves_search() {
     // Once it says what to try, the search answers with documents of the sample schema.
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let mut printed = String::new();
-    for line in lines.by_ref() {
-        let line = line.expect("a line");
-        printed.push_str(&line);
-        printed.push('\n');
-        if line.contains("Try, in another terminal") {
-            break;
-        }
-    }
+    let mut printed = until_running(&mut lines);
     assert!(printed.contains("3. Running"), "{printed}");
     let body = http_get(&listen, "/v1/search/videos?q=title:rust&limit=2");
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
@@ -236,6 +228,20 @@ fn quickstart_runs_the_whole_pipeline_and_serves_search() {
     // Running it again starts over in the same directory.
     let again = ok(d.path(), &["quickstart", "--seconds", "3", "--listen", &listen], "");
     assert!(again.contains("4. Stopped"), "{again}");
+}
+
+/// What the quickstart prints until it says what to try (it is running then).
+fn until_running(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> String {
+    let mut printed = String::new();
+    for line in lines {
+        let line = line.expect("a line");
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("Try, in another terminal") {
+            break;
+        }
+    }
+    printed
 }
 
 fn http_get(listen: &str, path: &str) -> String {
