@@ -48,70 +48,73 @@ fn render(families: &[Family]) -> String {
     out
 }
 
-/// Counters and gauges read from each component's status: (status field, metric suffix, kind,
-/// help).
+/// Counters and gauges read from each component's status: (the value's JSON pointer in it,
+/// metric suffix, kind, help).
 type Fields = &'static [(&'static str, &'static str, &'static str, &'static str)];
 
 const SOURCE: Fields = &[
-    ("events", "events_total", "counter", "Change events captured."),
-    ("transactions", "transactions_total", "counter", "Transactions captured."),
-    ("snapshot_rows", "snapshot_rows_total", "counter", "Rows read by snapshots."),
+    ("/events", "events_total", "counter", "Change events captured."),
+    ("/transactions", "transactions_total", "counter", "Transactions captured."),
+    ("/snapshot_rows", "snapshot_rows_total", "counter", "Rows read by snapshots."),
     (
-        "lag_seconds",
+        "/lag_seconds",
         "lag_seconds",
         "gauge",
         "How long after its commit the last transaction was captured.",
     ),
-    ("errors", "errors_total", "counter", "Errors met (each retry's cause)."),
+    (
+        "/slot/lag_bytes",
+        "slot_lag_bytes",
+        "gauge",
+        "WAL the source's replication slot holds back (checked every 5 s).",
+    ),
+    ("/errors", "errors_total", "counter", "Errors met (each retry's cause)."),
 ];
 const VIEW: Fields = &[
-    ("changes", "changes_total", "counter", "Input changes applied."),
-    ("documents", "documents_total", "counter", "Documents written."),
-    ("lag", "lag_records", "gauge", "Input records not yet applied."),
+    ("/changes", "changes_total", "counter", "Input changes applied."),
+    ("/documents", "documents_total", "counter", "Documents written."),
+    ("/lag", "lag_records", "gauge", "Input records not yet applied."),
     (
-        "lag_seconds",
+        "/lag_seconds",
         "lag_seconds",
         "gauge",
         "With lag: seconds since the newest applied record was written.",
     ),
-    ("errors", "errors_total", "counter", "Errors met."),
+    ("/errors", "errors_total", "counter", "Errors met."),
 ];
 const SINK: Fields = &[
-    ("records", "records_total", "counter", "Records written to the target."),
-    ("batches", "batches_total", "counter", "Batches written to the target."),
-    ("dead_letters", "dead_letters_total", "counter", "Records the target rejected."),
-    ("lag", "lag_records", "gauge", "Records of its topics not yet written."),
+    ("/records", "records_total", "counter", "Records written to the target."),
+    ("/batches", "batches_total", "counter", "Batches written to the target."),
+    ("/dead_letters", "dead_letters_total", "counter", "Records the target rejected."),
+    ("/lag", "lag_records", "gauge", "Records of its topics not yet written."),
     (
-        "lag_seconds",
+        "/lag_seconds",
         "lag_seconds",
         "gauge",
         "With lag: seconds since the newest written record was appended.",
     ),
-    ("errors", "errors_total", "counter", "Errors met (each retry's cause)."),
+    ("/errors", "errors_total", "counter", "Errors met (each retry's cause)."),
 ];
 const ROLLUP: Fields = &[
-    ("events", "events_total", "counter", "Events counted."),
-    ("late_events", "late_events_total", "counter", "Events for minutes already stored."),
-    ("lag_records", "lag_records", "gauge", "Records of its topic not read yet."),
-    ("errors", "errors_total", "counter", "Errors met."),
+    ("/events", "events_total", "counter", "Events counted."),
+    ("/late_events", "late_events_total", "counter", "Events for minutes already stored."),
+    ("/lag_records", "lag_records", "gauge", "Records of its topic not read yet."),
+    ("/errors", "errors_total", "counter", "Errors met."),
 ];
 
-fn component_families(
-    status: &Value,
-    kind: &str,
-    label: &'static str,
-    fields: Fields,
-) -> Vec<Family> {
+fn component_families(status: &Value, kind: &'static str, fields: Fields) -> Vec<Family> {
     let Some(m) = status[format!("{kind}s")].as_object() else { return Vec::new() };
     fields
         .iter()
-        .map(|(field, suffix, k, help)| Family {
+        .map(|(pointer, suffix, k, help)| Family {
             name: format!("polylog_{kind}_{suffix}"),
             kind: k,
             help,
             samples: m
                 .iter()
-                .filter_map(|(n, s)| s[*field].as_f64().map(|v| (vec![(label, n.clone())], v)))
+                .filter_map(|(n, s)| {
+                    s.pointer(pointer).and_then(Value::as_f64).map(|v| (vec![(kind, n.clone())], v))
+                })
                 .collect(),
         })
         .collect()
@@ -125,23 +128,10 @@ pub fn handle(api: &Api, _: &Request, _: &[String], _: &TcpStream) -> Reply {
 pub fn text(api: &Api) -> String {
     let status = api.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut families = Vec::new();
-    families.extend(component_families(&status, "source", "source", SOURCE));
-    families.push(Family {
-        name: "polylog_source_slot_lag_bytes".into(),
-        kind: "gauge",
-        help: "WAL the source's replication slot holds back (checked every 5 s).",
-        samples: status["sources"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(n, s)| {
-                s["slot"]["lag_bytes"].as_f64().map(|v| (vec![("source", n.clone())], v))
-            })
-            .collect(),
-    });
-    families.extend(component_families(&status, "view", "view", VIEW));
-    families.extend(component_families(&status, "sink", "sink", SINK));
-    families.extend(component_families(&status, "rollup", "rollup", ROLLUP));
+    families.extend(component_families(&status, "source", SOURCE));
+    families.extend(component_families(&status, "view", VIEW));
+    families.extend(component_families(&status, "sink", SINK));
+    families.extend(component_families(&status, "rollup", ROLLUP));
     let mut up = Vec::new();
     for kind in ["source", "view", "sink", "rollup"] {
         for (n, s) in status[format!("{kind}s")].as_object().into_iter().flatten() {

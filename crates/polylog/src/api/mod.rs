@@ -1,7 +1,7 @@
-//! The HTTP API (`[api] listen`). Every route is in [`ROUTES`]; all but `/health` need the
-//! bearer token when one is configured (`api.token` or `POLYLOG_API_TOKEN`), given as
-//! `Authorization: Bearer <token>` or, for the dashboard's browser requests, the cookie
-//! `polylog_token`. Tokens are compared in constant time.
+//! The HTTP API (`[api] listen`). Every route is in [`ROUTES`]; all but `/health` and `/login`
+//! need the bearer token when one is configured (`api.token` or `POLYLOG_API_TOKEN`), given as
+//! `Authorization: Bearer <token>` (compared in constant time) or, for the dashboard's reads,
+//! the session cookie `/login` sets (see [`ui`]).
 //!
 //! - `GET /health`: `{"status": "ok"}`, or 503 with the components that failed.
 //! - `GET /v1/status`: every source, view, sink, rollup and the collector (what
@@ -92,17 +92,18 @@ impl Api {
 
     /// Replaces the status `/v1/status` answers and adds it to the history.
     pub fn set_status(&self, status: Value) {
-        let pick = |kind: &str, fields: &[&str]| -> Value {
+        // Each component's values at these JSON pointers, named by their last segment.
+        let pick = |kind: &str, pointers: &[&str]| -> Value {
             let m: serde_json::Map<String, Value> = status[kind]
                 .as_object()
                 .into_iter()
                 .flatten()
                 .map(|(n, s)| {
-                    let f: serde_json::Map<String, Value> = fields
+                    let f: serde_json::Map<String, Value> = pointers
                         .iter()
-                        .map(|f| {
-                            let v = if *f == "lag_bytes" { &s["slot"][*f] } else { &s[*f] };
-                            (f.to_string(), v.clone())
+                        .map(|p| {
+                            let name = p.rsplit('/').next().unwrap_or(p);
+                            (name.to_string(), s.pointer(p).cloned().unwrap_or(Value::Null))
                         })
                         .collect();
                     (n.clone(), Value::Object(f))
@@ -112,10 +113,10 @@ impl Api {
         };
         let point = json!({
             "t": status["updated_ms"],
-            "sources": pick("sources", &["events", "lag_bytes"]),
-            "views": pick("views", &["changes", "lag"]),
-            "sinks": pick("sinks", &["records", "lag"]),
-            "rollups": pick("rollups", &["events", "lag_records"]),
+            "sources": pick("sources", &["/events", "/slot/lag_bytes"]),
+            "views": pick("views", &["/changes", "/lag"]),
+            "sinks": pick("sinks", &["/records", "/lag"]),
+            "rollups": pick("rollups", &["/events", "/lag_records"]),
             "collector": {"accepted": status["collector"]["accepted"]},
         });
         let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -307,9 +308,9 @@ pub const ROUTES: &[Route] = &[
 ];
 
 fn handle(stream: &TcpStream, api: &Api) -> std::io::Result<()> {
-    let (route, reply) = match read_request(stream, api) {
+    let (route, reply) = match read_head(stream) {
         Err(reply) => ("(unreadable)", reply),
-        Ok(req) => dispatch(stream, api, &req),
+        Ok((mut req, incoming)) => dispatch(stream, api, &mut req, incoming),
     };
     let code = match &reply {
         Reply::Json(c, _) | Reply::Bytes(c, _, _) | Reply::Headed(c, _, _, _) => *c,
@@ -353,7 +354,13 @@ fn unauthorized(req: &Request) -> Reply {
     )
 }
 
-fn dispatch(stream: &TcpStream, api: &Api, req: &Request) -> (&'static str, Reply) {
+/// Admits a request (its host, its token), only then reads its body, and routes it.
+fn dispatch(
+    stream: &TcpStream,
+    api: &Api,
+    req: &mut Request,
+    incoming: Incoming<'_>,
+) -> (&'static str, Reply) {
     let (exact, matched) = route_of(req);
     let name = exact
         .as_ref()
@@ -365,6 +372,10 @@ fn dispatch(stream: &TcpStream, api: &Api, req: &Request) -> (&'static str, Repl
     }
     if !exact.as_ref().is_some_and(|(r, _)| r.public) && !api.authorized(req) {
         return (name, unauthorized(req));
+    }
+    match incoming.body() {
+        Ok(body) => req.body = body,
+        Err(reply) => return (name, reply),
     }
     let reply = match exact {
         // Writes are JSON: a form or a `no-cors` request from another page cannot send it.
@@ -394,38 +405,69 @@ fn dispatch(stream: &TcpStream, api: &Api, req: &Request) -> (&'static str, Repl
     (name, reply)
 }
 
-/// Reads a request within [`REQUEST_TIME`] in all (a client sending a byte now and then does not
-/// hold a connection longer); the body only once the token is checked.
-fn read_request(stream: &TcpStream, api: &Api) -> Result<Request, Reply> {
-    let io = |e: std::io::Error| match e.kind() {
+/// A request whose head is read: the rest of the connection, the request's deadline (it has
+/// [`REQUEST_TIME`] in all: a client sending a byte now and then does not hold a connection
+/// longer) and the length of its body, read once the request is admitted.
+struct Incoming<'a> {
+    reader: BufReader<&'a TcpStream>,
+    deadline: Instant,
+    length: usize,
+}
+
+fn read_error(e: std::io::Error) -> Reply {
+    match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
             error(408, format!("the request took over {} s", REQUEST_TIME.as_secs()))
         }
         _ => error(400, format!("reading the request: {e}")),
-    };
-    let deadline = Instant::now() + REQUEST_TIME;
-    let timed = |stream: &TcpStream| -> Result<(), Reply> {
-        let left = deadline.saturating_duration_since(Instant::now());
+    }
+}
+
+impl Incoming<'_> {
+    /// Bounds the next read by what is left of the deadline.
+    fn timed(&self) -> Result<(), Reply> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(error(408, format!("the request took over {} s", REQUEST_TIME.as_secs())));
         }
-        stream.set_read_timeout(Some(left)).map_err(io)
+        self.reader.get_ref().set_read_timeout(Some(left)).map_err(read_error)
+    }
+
+    fn body(mut self) -> Result<Vec<u8>, Reply> {
+        let mut body = vec![0; self.length];
+        let mut got = 0;
+        while got < self.length {
+            self.timed()?;
+            match self.reader.read(&mut body[got..]).map_err(read_error)? {
+                0 => return Err(error(400, "the body ended early")),
+                n => got += n,
+            }
+        }
+        Ok(body)
+    }
+}
+
+/// Reads a request's head (within its deadline and [`HEAD_MAX`]) and checks its body's length.
+fn read_head(stream: &TcpStream) -> Result<(Request, Incoming<'_>), Reply> {
+    let mut incoming = Incoming {
+        reader: BufReader::new(stream),
+        deadline: Instant::now() + REQUEST_TIME,
+        length: 0,
     };
-    let mut reader = BufReader::new(stream);
     let mut head = 0usize;
     let mut line = String::new();
-    let mut next_line = |line: &mut String| -> Result<usize, Reply> {
+    let mut next_line = |incoming: &mut Incoming<'_>, line: &mut String| -> Result<usize, Reply> {
         line.clear();
-        timed(stream)?;
-        let n = (&mut reader).take((HEAD_MAX + 1 - head.min(HEAD_MAX)) as u64).read_line(line);
-        let n = n.map_err(io)?;
+        incoming.timed()?;
+        let limit = (HEAD_MAX + 1 - head.min(HEAD_MAX)) as u64;
+        let n = (&mut incoming.reader).take(limit).read_line(line).map_err(read_error)?;
         head += n;
         if head > HEAD_MAX {
             return Err(error(431, "request head over 16 KiB"));
         }
         Ok(n)
     };
-    next_line(&mut line)?;
+    next_line(&mut incoming, &mut line)?;
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or(""));
     if method.is_empty() || !target.starts_with('/') {
@@ -435,7 +477,7 @@ fn read_request(stream: &TcpStream, api: &Api) -> Result<Request, Reply> {
     let mut req =
         Request { method, path: path.to_string(), query: query.to_string(), ..Request::default() };
     loop {
-        if next_line(&mut line)? == 0 {
+        if next_line(&mut incoming, &mut line)? == 0 {
             break;
         }
         let l = line.trim_end();
@@ -449,36 +491,15 @@ fn read_request(stream: &TcpStream, api: &Api) -> Result<Request, Reply> {
     if req.header("transfer-encoding").is_some() {
         return Err(error(411, "send the body with a Content-Length, not chunked"));
     }
-    let length = match req.header("content-length").map(|v| v.parse::<usize>()) {
+    incoming.length = match req.header("content-length").map(|v| v.parse::<usize>()) {
         None => 0,
+        Some(Ok(n)) if n > BODY_MAX => {
+            return Err(error(413, format!("the body is {n} bytes; at most {BODY_MAX}")))
+        }
         Some(Ok(n)) => n,
         Some(Err(_)) => return Err(error(400, "Content-Length is not a number")),
     };
-    if length == 0 {
-        return Ok(req);
-    }
-    if length > BODY_MAX {
-        return Err(error(413, format!("the body is {length} bytes; at most {BODY_MAX}")));
-    }
-    // A body is read only for a request that may send one.
-    let (exact, _) = route_of(&req);
-    if let Some(refusal) = api.refuse_host(&req) {
-        return Err(refusal);
-    }
-    if !exact.as_ref().is_some_and(|(r, _)| r.public) && !api.authorized(&req) {
-        return Err(unauthorized(&req));
-    }
-    let mut body = vec![0; length];
-    let mut got = 0;
-    while got < length {
-        timed(stream)?;
-        match reader.read(&mut body[got..]).map_err(io)? {
-            0 => return Err(error(400, "the body ended early")),
-            n => got += n,
-        }
-    }
-    req.body = body;
-    Ok(req)
+    Ok((req, incoming))
 }
 
 fn health(api: &Api, _: &Request, _: &[String], _: &TcpStream) -> Reply {
