@@ -18,6 +18,7 @@
 mod compaction;
 mod embedded;
 mod error;
+pub mod failpoint;
 mod format;
 mod groups;
 mod index;

@@ -224,6 +224,11 @@ impl Partition {
         if let Some(f) = &self.opts.faults {
             f.check_write()?;
         }
+        if crate::failpoint::fires("log.write") {
+            // A torn write: part of the batch reaches the file, then the error.
+            file.write_all_at(&batch[..batch.len() / 2], pos)?;
+            return Err(std::io::Error::other("injected failure at failpoint log.write"));
+        }
         file.write_all_at(batch, pos)
     }
 
@@ -231,6 +236,7 @@ impl Partition {
         if let Some(f) = &self.opts.faults {
             f.check_fsync()?;
         }
+        crate::failpoint::check("log.fsync")?;
         let started = std::time::Instant::now();
         let synced = file.sync_data();
         crate::metrics::FSYNC.observe(started.elapsed());

@@ -95,6 +95,7 @@ impl SourceState {
         let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
         std::fs::write(&tmp, bytes).map_err(fail)?;
         std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(fail)?;
+        polylog_log::failpoint::check("source.state").map_err(fail)?;
         std::fs::rename(&tmp, path).map_err(fail)?;
         std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(fail)
     }

@@ -185,6 +185,7 @@ impl SearchWriter {
                 }
             }
         }
+        polylog_log::failpoint::check("search.commit").map_err(fail)?;
         writer.commit().map_err(fail)?;
         ix.reader.reload().map_err(fail)?;
         Ok(())

@@ -6,6 +6,8 @@
 //! server as the `postgres` user (Postgres refuses to run as root). When the server binaries are
 //! missing, it fails with the command that installs them: tests never skip silently.
 
+pub mod videos;
+
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -252,6 +252,7 @@ impl View {
             } else {
                 w.flush_output()?;
                 w.wait_output_durable()?;
+                polylog_log::failpoint::check("state.commit").map_err(store_err)?;
                 wtx.commit().map_err(store_err)?;
                 w.update_lag()?;
                 last_lag = Instant::now();

@@ -12,9 +12,9 @@ use serde_json::{json, Value};
 
 use crate::polylog;
 
-const TOKEN: &str = "t0ken-for-tests";
+pub(crate) const TOKEN: &str = "t0ken-for-tests";
 
-struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -35,12 +35,12 @@ fn run_api(dir: &std::path::Path, addr: &str, args: &[&str], stderr: Stdio) -> R
     run
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Sends a request with the token; returns the status code and the body.
-fn call(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+pub(crate) fn call(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     write!(
         s,

@@ -9,6 +9,7 @@ use polylog_testkit::TempDir;
 
 mod api;
 mod browser;
+mod chaos;
 mod kafka;
 mod load;
 
