@@ -10,7 +10,8 @@
 //! Whole requests are refused with a 4xx and a reason: a body over `body_max` bytes (before or
 //! after decompression: a gzip bomb stops at the limit), more than `events_max` events, nesting
 //! deeper than `depth_max`, a JSON array that does not parse, a head that takes longer than
-//! `header_timeout` or is over 16 KiB, an unsupported content encoding.
+//! `header_timeout` (in all, however slowly it comes) or is over 16 KiB, a body that takes over
+//! 30 s, an unsupported content encoding.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -25,9 +26,12 @@ use serde_json::{json, Value};
 use crate::anonymize::{ip_prefix, strip_url, Anonymizer};
 use crate::categorize::{site_category, user_agent};
 use crate::model::{mrc_viewable, Event, EventKind, RawEvent};
+use crate::server::{timed_out, DeadlineReader};
 
 const HEAD_MAX: usize = 16 * 1024;
 const CONNECTIONS_MAX: usize = 256;
+/// Time a request's body has to arrive, once its head has.
+const BODY_TIME: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct CollectorOptions {
@@ -313,25 +317,37 @@ impl Collector {
     }
 
     fn handle(&self, stream: &TcpStream) -> std::io::Result<()> {
-        stream.set_read_timeout(Some(self.opts.header_timeout))?;
-        let deadline = Instant::now() + self.opts.header_timeout;
-        let mut reader = BufReader::new(stream);
+        let mut reader = BufReader::new(DeadlineReader::new(stream, self.opts.header_timeout));
+        match self.handle_request(stream, &mut reader) {
+            Err(e) if timed_out(&e) => {
+                let secs = self.opts.header_timeout.as_secs_f64();
+                respond(
+                    stream,
+                    &refuse(408, format!("the request head did not arrive within {secs} s, or its body within {} s", BODY_TIME.as_secs())),
+                )
+            }
+            r => r,
+        }
+    }
+
+    fn handle_request(
+        &self,
+        stream: &TcpStream,
+        reader: &mut BufReader<DeadlineReader<'_>>,
+    ) -> std::io::Result<()> {
         let mut line = String::new();
-        (&mut reader).take(HEAD_MAX as u64).read_line(&mut line)?;
+        reader.take(HEAD_MAX as u64).read_line(&mut line)?;
         let mut parts = line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         let (mut length, mut gzip, mut head) = (None, false, line.len());
         loop {
             let mut h = String::new();
-            if (&mut reader).take(HEAD_MAX as u64).read_line(&mut h)? == 0 {
+            if reader.take(HEAD_MAX as u64).read_line(&mut h)? == 0 {
                 break;
             }
             head += h.len();
-            if head > HEAD_MAX || Instant::now() > deadline {
-                return respond(
-                    stream,
-                    &refuse(431, "the request head is over 16 KiB or too slow"),
-                );
+            if head > HEAD_MAX {
+                return respond(stream, &refuse(431, "the request head is over 16 KiB"));
             }
             let h = h.trim_end();
             if h.is_empty() {
@@ -378,17 +394,15 @@ impl Collector {
         if length > self.opts.body_max {
             // Read (a bounded part of) what the client sends anyway, so it gets the answer
             // rather than a reset connection.
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let _ = std::io::copy(
-                &mut (&mut reader).take(length.min(4 << 20) as u64),
-                &mut std::io::sink(),
-            );
+            reader.get_mut().deadline = Instant::now() + Duration::from_secs(2);
+            let _ =
+                std::io::copy(&mut reader.take(length.min(4 << 20) as u64), &mut std::io::sink());
             return respond(
                 stream,
                 &refuse(413, format!("the body is over {} bytes", self.opts.body_max)),
             );
         }
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        reader.get_mut().deadline = Instant::now() + BODY_TIME;
         let mut body = vec![0u8; length];
         reader.read_exact(&mut body)?;
         let answer = self.ingest(&body, gzip, polylog_log::now_ms());

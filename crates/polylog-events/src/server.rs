@@ -1,11 +1,11 @@
 //! The connection loop of Polylog's HTTP endpoints (the collector, the API): a thread per
 //! connection, at most `connections_max` at once (the rest get a 503), until `stop` is set.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Decodes `%XX` and `+` in a URL component.
 pub fn url_decode(s: &str) -> String {
@@ -30,6 +30,36 @@ pub fn url_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads a request that must arrive by a deadline: each read waits at most the time left, so a
+/// client sending a byte now and then cannot hold its connection (and its thread) longer.
+pub struct DeadlineReader<'a> {
+    stream: &'a TcpStream,
+    pub deadline: Instant,
+}
+
+impl<'a> DeadlineReader<'a> {
+    pub fn new(stream: &'a TcpStream, within: Duration) -> DeadlineReader<'a> {
+        DeadlineReader { stream, deadline: Instant::now() + within }
+    }
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "past the deadline"));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut stream = self.stream;
+        stream.read(buf)
+    }
+}
+
+/// Whether a read failed for lack of time (a slow or silent client).
+pub fn timed_out(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
 }
 
 /// A connection slot, given back when dropped (however the handler ends).

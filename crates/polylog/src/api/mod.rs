@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use polylog_events::server::{respond, respond_bytes, respond_with, url_decode};
+use polylog_events::server::{respond, respond_bytes, respond_with, url_decode, DeadlineReader};
 use polylog_log::{Log, LogError, Record, StartAt};
 use polylog_sinks::search::SearchIndexes;
 use serde_json::{json, Value};
@@ -409,8 +409,7 @@ fn dispatch(
 /// [`REQUEST_TIME`] in all: a client sending a byte now and then does not hold a connection
 /// longer) and the length of its body, read once the request is admitted.
 struct Incoming<'a> {
-    reader: BufReader<&'a TcpStream>,
-    deadline: Instant,
+    reader: BufReader<DeadlineReader<'a>>,
     length: usize,
 }
 
@@ -424,13 +423,12 @@ fn read_error(e: std::io::Error) -> Reply {
 }
 
 impl Incoming<'_> {
-    /// Bounds the next read by what is left of the deadline.
+    /// Fails once the deadline has passed (every read waits at most what is left of it).
     fn timed(&self) -> Result<(), Reply> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if Instant::now() >= self.reader.get_ref().deadline {
             return Err(error(408, format!("the request took over {} s", REQUEST_TIME.as_secs())));
         }
-        self.reader.get_ref().set_read_timeout(Some(left)).map_err(read_error)
+        Ok(())
     }
 
     fn body(mut self) -> Result<Vec<u8>, Reply> {
@@ -449,11 +447,8 @@ impl Incoming<'_> {
 
 /// Reads a request's head (within its deadline and [`HEAD_MAX`]) and checks its body's length.
 fn read_head(stream: &TcpStream) -> Result<(Request, Incoming<'_>), Reply> {
-    let mut incoming = Incoming {
-        reader: BufReader::new(stream),
-        deadline: Instant::now() + REQUEST_TIME,
-        length: 0,
-    };
+    let mut incoming =
+        Incoming { reader: BufReader::new(DeadlineReader::new(stream, REQUEST_TIME)), length: 0 };
     let mut head = 0usize;
     let mut line = String::new();
     let mut next_line = |incoming: &mut Incoming<'_>, line: &mut String| -> Result<usize, Reply> {

@@ -12,6 +12,7 @@ mod browser;
 mod chaos;
 mod kafka;
 mod load;
+mod memory;
 
 fn polylog(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_polylog"));
