@@ -106,12 +106,12 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_ones_are_refused() {
         assert_eq!(
-            parse("log.fsync=0.5, state.commit=1").unwrap(),
+            parse("log.fsync=0.5, state.commit=1").expect("a good spec"),
             vec![("log.fsync".to_string(), 0.5), ("state.commit".to_string(), 1.0)]
         );
         assert!(parse("log.fsync").is_err());
         assert!(parse("log.fsync=2").is_err());
         assert!(parse("log.fsync=x").is_err());
-        assert!(parse("").unwrap().is_empty());
+        assert!(parse("").expect("an empty spec").is_empty());
     }
 }
