@@ -48,6 +48,10 @@ fn points() -> Option<&'static Points> {
         .as_ref()
 }
 
+/// Every failpoint there is.
+const NAMES: [&str; 5] =
+    ["log.write", "log.fsync", "state.commit", "source.state", "search.commit"];
+
 fn parse(spec: &str) -> Result<Vec<(String, f64)>, String> {
     let mut out = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -59,7 +63,11 @@ fn parse(spec: &str) -> Result<Vec<(String, f64)>, String> {
             .ok()
             .filter(|c| (0.0..=1.0).contains(c))
             .ok_or_else(|| format!("{item:?}: the chance must be a number from 0 to 1"))?;
-        out.push((name.trim().to_string(), chance));
+        let name = name.trim();
+        if !NAMES.contains(&name) {
+            return Err(format!("no failpoint {name:?} (there are {})", NAMES.join(", ")));
+        }
+        out.push((name.to_string(), chance));
     }
     Ok(out)
 }
@@ -112,6 +120,7 @@ mod tests {
         assert!(parse("log.fsync").is_err());
         assert!(parse("log.fsync=2").is_err());
         assert!(parse("log.fsync=x").is_err());
+        assert!(parse("log.fsnyc=0.5").is_err(), "a misspelt name would arm nothing");
         assert!(parse("").expect("an empty spec").is_empty());
     }
 }

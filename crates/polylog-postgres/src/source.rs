@@ -328,7 +328,9 @@ impl PostgresSource {
             quote_literal(&quote_ident(&self.publication))
         );
         let stream = repl.start_replication(&command).map_err(|e| match e.code() {
-            Some("55000") | Some("42704") => self.slot_lost(&e.to_string()),
+            // Dropped between the check above and here: the same loud stop.
+            Some("42704") => self.slot_lost(&format!("was dropped ({e})")),
+            Some("55000") => self.slot_lost(&e.to_string()),
             _ => e.into(),
         })?;
         self.set_status(|s| s.state = "streaming".into());

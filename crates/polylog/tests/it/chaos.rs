@@ -97,20 +97,23 @@ fn compare(
     }
 }
 
-/// `SELECT` of rows as key → row (JSON), without the sink's own columns.
-fn rows(pg: &PgCluster, db: &str, table: &str, key: &[&str]) -> BTreeMap<String, Value> {
+/// `SELECT` of rows as key → row (JSON), without the sink's own columns; `None` if the table
+/// cannot be read.
+fn rows(pg: &PgCluster, db: &str, table: &str, key: &[&str]) -> Option<BTreeMap<String, Value>> {
     let sql = format!(
         "SELECT to_jsonb(t) - '_polylog_position' - '_polylog_partition' FROM public.{table} t"
     );
-    let Ok(out) = pg.psql(db, &sql) else { return BTreeMap::new() };
-    out.lines()
+    let out = pg.psql(db, &sql).ok()?;
+    let rows = out
+        .lines()
         .filter(|l| !l.is_empty())
         .map(|l| {
             let row: Value = serde_json::from_str(l).expect("row JSON");
             let k: Vec<String> = key.iter().map(|c| row[*c].to_string()).collect();
             (k.join(","), row)
         })
-        .collect()
+        .collect();
+    Some(rows)
 }
 
 /// `{"id": 1}` however it is spaced.
@@ -129,12 +132,10 @@ fn without_version(mut d: Value) -> Value {
 fn check_stores(source: &PgCluster, target: &PgCluster, api: &str) -> Vec<Anomaly> {
     let mut out = Vec::new();
     for (table, key) in TABLES {
-        compare(
-            &format!("replica.{table}"),
-            &rows(source, "app", table, key),
-            &rows(target, "replica", table, key),
-            &mut out,
-        );
+        let want = rows(source, "app", table, key).expect("the source table");
+        // A replica table not created yet holds nothing.
+        let got = rows(target, "replica", table, key).unwrap_or_default();
+        compare(&format!("replica.{table}"), &want, &got, &mut out);
     }
     let oracle: BTreeMap<String, Value> = source
         .psql("app", ORACLE)
@@ -352,6 +353,15 @@ impl Drop for Child9 {
     }
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// `/v1/status`, or `None` while nothing answers.
 fn status(api: &str) -> Option<Value> {
     use std::io::{Read, Write};
@@ -403,6 +413,9 @@ fn kill_9_crashes_outages_and_failpoints_leave_every_store_equal_to_the_source()
     // that fails (Postgres down, a conflict) is not retried: the checks read what committed.
     let source = Arc::new(RwLock::new(source));
     let stop = Arc::new(AtomicBool::new(false));
+    // However the test ends, the workload stops (it holds the source cluster, which is
+    // stopped and removed when the last holder drops it).
+    let _stop_workload = StopOnDrop(stop.clone());
     let committed = Arc::new(AtomicU64::new(0));
     let workload = {
         let (source, stop, committed) = (source.clone(), stop.clone(), committed.clone());
@@ -483,6 +496,7 @@ fn kill_9_crashes_outages_and_failpoints_leave_every_store_equal_to_the_source()
     let chaos_secs = started.elapsed().as_secs();
     let mut last = Child9::start(dir.path(), false, round + 1);
     let mut anomalies = Vec::new();
+    let mut checked = false;
     let deadline = Instant::now() + Duration::from_secs(180);
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_secs(1));
@@ -495,10 +509,16 @@ fn kill_9_crashes_outages_and_failpoints_leave_every_store_equal_to_the_source()
             continue;
         }
         anomalies = check_stores(&source.read().expect("source"), &target, &api);
+        checked = true;
         if anomalies.is_empty() {
             break;
         }
     }
+    assert!(
+        checked,
+        "the fault-free run never answered, so no store was checked:\n{}",
+        last.stderr()
+    );
     anomalies.extend(check_topics(&dir.path().join("data"), &source.read().expect("source")));
     let mut counts: BTreeMap<Kind, usize> = BTreeMap::new();
     for a in &anomalies {
@@ -518,7 +538,10 @@ fn kill_9_crashes_outages_and_failpoints_leave_every_store_equal_to_the_source()
         eprintln!("  {a}");
     }
     assert!(anomalies.is_empty(), "{} anomalies (the first are above)", anomalies.len());
-    assert!(failpoint_exits > 0, "no failpoint fired: the fault injection did not happen");
+    if kills >= 100 {
+        // About 30 runs with failpoints armed: one of them at least fails.
+        assert!(failpoint_exits > 0, "no failpoint fired: the fault injection did not happen");
+    }
 
     // The slot dropped under a running Polylog: it stops and says why, and does not take a new
     // slot (which would skip what was committed meanwhile).
@@ -550,9 +573,22 @@ fn kill_9_crashes_outages_and_failpoints_leave_every_store_equal_to_the_source()
     let err = last.stderr();
     assert!(!code.success(), "polylog exited 0 without its slot");
     assert!(err.contains("replication slot \"polylog_app\" was dropped"), "{err}");
-    let again = crate::run(dir.path(), &["-c", "chaos.toml", "run"], "");
-    let again_err = String::from_utf8_lossy(&again.stderr);
-    assert!(!again.status.success() && again_err.contains("was dropped"), "{again_err}");
+    // Started again, it refuses the same way (and does not take a new slot).
+    let mut again = Child9::start(dir.path(), false, round + 2);
+    let started = Instant::now();
+    let code = loop {
+        if let Some(code) = again.child.try_wait().expect("try_wait") {
+            break code;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "restarted without its slot, polylog kept running:\n{}",
+            again.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let again_err = again.stderr();
+    assert!(!code.success() && again_err.contains("was dropped"), "{again_err}");
     let slots = pg.psql("app", "SELECT count(*) FROM pg_replication_slots").expect("slots");
     assert_eq!(slots, "0", "a new slot was taken after the old one was dropped");
 }

@@ -115,7 +115,7 @@ fn a_ten_million_row_transaction_is_captured_in_bounded_memory() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let captured = started.elapsed();
-    let (peak, _) = rss_mib(pid);
+    let peak = rss_mib(pid).0.max(peak_seen);
     let (code, body) = call(&api, "GET", "/v1/topics/app.public.big", "");
     assert_eq!(code, 200, "{body}");
     let topic: Value = serde_json::from_str(&body).expect("topic JSON");
@@ -198,7 +198,7 @@ fn a_1_gb_body_and_500_slow_connections_leave_memory_bounded_and_the_service_up(
          [collector]\nlisten = \"{collector}\"\ntopic = \"events\"\n",
         dir.path().join("data").display()
     );
-    let run = start(dir.path(), &config, &api);
+    let mut run = start(dir.path(), &config, &api);
     let pid = run.0.id();
     let event = serde_json::json!({"type": "impression", "ts": polylog_log::now_ms() - 1000,
         "impression_id": "imp-1", "campaign_id": "camp-1", "site_domain": "www.example.com",
@@ -222,8 +222,10 @@ fn a_1_gb_body_and_500_slow_connections_leave_memory_bounded_and_the_service_up(
     const GIB: u64 = 1 << 30;
     let (answer, sent) = send_huge(&collector, "POST /v1/events HTTP/1.1\r\nHost: x\r\n", GIB);
     eprintln!("collector, 1 GiB body: {answer:?} after {} MiB sent", sent >> 20);
-    assert!(answer.as_deref().is_none_or(|a| a.contains("413")), "{answer:?}");
+    // The collector reads (and drops) a few MiB so that the client hears the answer.
+    assert!(answer.as_deref().is_some_and(|a| a.contains("413")), "{answer:?}");
     assert!(sent < GIB, "the collector read the whole 1 GiB body");
+    let sending = Instant::now();
     let (answer, sent) = send_huge(
         &api,
         &format!(
@@ -231,29 +233,44 @@ fn a_1_gb_body_and_500_slow_connections_leave_memory_bounded_and_the_service_up(
         ),
         GIB,
     );
-    eprintln!("API, 1 GiB body: {answer:?} after {} MiB sent", sent >> 20);
+    let refused_after = sending.elapsed();
+    eprintln!("API, 1 GiB body: {answer:?} after {} MiB sent, {refused_after:?}", sent >> 20);
+    // The API answers at the head and closes: the client may see the answer or a reset.
     assert!(answer.as_deref().is_none_or(|a| a.contains("413")), "{answer:?}");
+    assert!(refused_after < Duration::from_secs(5), "the API took {refused_after:?} to refuse");
     assert!(sent < GIB, "the API read the whole 1 GiB body");
 
-    let started = Instant::now();
-    let to_collector =
-        slow_connections(&collector, 500, "POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Slow: ");
-    let to_api =
-        slow_connections(&api, 500, "GET /v1/status HTTP/1.1\r\nHost: localhost\r\nX-Slow: ");
-    std::thread::sleep(Duration::from_secs(2));
-    let (_, during) = rss_mib(pid);
-    let (closed_c, closed_a) = (to_collector.join().expect("slow"), to_api.join().expect("slow"));
-    let cut_after = started.elapsed();
-    assert_eq!((closed_c, closed_a), (500, 500), "connections the server closed");
-    assert!(run.0.id() == pid && std::fs::metadata(format!("/proc/{pid}")).is_ok(), "polylog died");
+    // 500 slow connections to each, one server after the other (1,000 at once could meet a
+    // low descriptor limit in this process, which other tests share).
+    let mut during = 0;
+    for (name, addr, start, deadline) in [
+        ("collector", &collector, "POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Slow: ", 5),
+        ("API", &api, "GET /v1/status HTTP/1.1\r\nHost: localhost\r\nX-Slow: ", 10),
+    ] {
+        let started = Instant::now();
+        let slow = slow_connections(addr, 500, start);
+        std::thread::sleep(Duration::from_secs(2));
+        during = during.max(rss_mib(pid).1);
+        let closed = slow.join().expect("slow connections");
+        let cut_after = started.elapsed();
+        eprintln!("{name}: 500 slow connections, all closed within {cut_after:?}");
+        assert_eq!(closed, 500, "{name}: slow connections the server closed");
+        // Each is answered at its deadline (or at once past the connection limit).
+        assert!(
+            cut_after < Duration::from_secs(deadline + 8),
+            "{name}: closed after {cut_after:?}"
+        );
+        assert!(run.0.try_wait().expect("try_wait").is_none(), "polylog died");
+    }
     let again = post_event();
     assert!(again.starts_with("HTTP/1.1 200"), "after the slow connections: {again}");
     let (code, body) = call(&api, "GET", "/v1/status", "");
     assert_eq!(code, 200, "after the slow connections: {body}");
-    let (peak, _) = rss_mib(pid);
+    // The kernel updates the high-water mark lazily: the largest reading counts.
+    let peak = rss_mib(pid).0.max(during);
     eprintln!(
-        "1 GiB bodies and 2 x 500 slow connections: all cut within {cut_after:?}; RSS {during} MiB \
-         during, peak {peak} MiB (bound {RSS_BOUND_MIB} MiB)"
+        "1 GiB bodies and 2 x 500 slow connections: RSS {during} MiB during, peak {peak} MiB \
+         (bound {RSS_BOUND_MIB} MiB)"
     );
     assert!(peak < RSS_BOUND_MIB, "peak RSS {peak} MiB");
 }
