@@ -334,6 +334,7 @@ impl PostgresSource {
             _ => e.into(),
         })?;
         self.set_status(|s| s.state = "streaming".into());
+        tracing::info!("source {}: streaming from {}", self.name, format_lsn(start_lsn));
         let images = images.into_inner().unwrap_or_else(|e| e.into_inner());
         let mut streamer = Streamer::new(self, tables, conn, stream, images, state);
         streamer.run(stop)

@@ -443,6 +443,8 @@ fn kill_9_crashes_outages_and_failpoints_leave_every_store_equal_to_the_source()
         status(&api).is_some_and(|s| s["sources"]["app"]["state"] == "streaming")
     });
     let (mut killed, mut failpoint_exits, mut pg_crashes, mut target_outages) = (0, 0, 0, 0);
+    // Kills of a run whose source was streaming (the others were still starting).
+    let mut killed_streaming = 0;
     let mut fired: BTreeMap<String, u32> = BTreeMap::new();
     let started = Instant::now();
     let mut round = 0;
@@ -475,6 +477,9 @@ fn kill_9_crashes_outages_and_failpoints_leave_every_store_equal_to_the_source()
         }
         if was_running {
             killed += 1;
+            if err.contains("source app: streaming from") {
+                killed_streaming += 1;
+            }
         } else {
             assert!(
                 err.contains("injected failure at failpoint"),
@@ -525,7 +530,7 @@ fn kill_9_crashes_outages_and_failpoints_leave_every_store_equal_to_the_source()
         *counts.entry(a.kind).or_default() += 1;
     }
     eprintln!(
-        "chaos: {round} runs in {chaos_secs} s: {killed} kill -9, {failpoint_exits} exits at failpoints \
+        "chaos: {round} runs in {chaos_secs} s: {killed} kill -9 ({killed_streaming} while streaming), {failpoint_exits} exits at failpoints \
          (fired: {fired:?}), {pg_crashes} source crashes, {target_outages} target outages; \
          {} transactions committed; anomalies: lost {}, duplicate {}, reordered {}, stale {}",
         committed.load(Ordering::Relaxed),
@@ -538,6 +543,10 @@ fn kill_9_crashes_outages_and_failpoints_leave_every_store_equal_to_the_source()
         eprintln!("  {a}");
     }
     assert!(anomalies.is_empty(), "{} anomalies (the first are above)", anomalies.len());
+    assert!(
+        killed_streaming * 2 >= killed,
+        "only {killed_streaming} of {killed} kills met a streaming source: the rest hit start-up"
+    );
     if kills >= 100 {
         // About 30 runs with failpoints armed: one of them at least fails.
         assert!(failpoint_exits > 0, "no failpoint fired: the fault injection did not happen");
