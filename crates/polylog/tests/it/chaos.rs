@@ -337,6 +337,18 @@ impl Child9 {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Its exit status, once it exits by itself within 60 s (else the test fails with `what`).
+    fn wait_exit(&mut self, what: &str) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(code) = self.child.try_wait().expect("try_wait") {
+                return code;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "{what}:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// `kill -9`; whether it was still running.
     fn kill_9(&mut self) -> bool {
         let running = self.child.try_wait().expect("try_wait").is_none();
@@ -567,35 +579,13 @@ fn kill_9_crashes_outages_and_failpoints_leave_every_store_equal_to_the_source()
         pg.psql("app", "SELECT pg_drop_replication_slot('polylog_app')").is_ok()
     });
     pg.psql("app", "INSERT INTO ledger (txn) VALUES (-1)").expect("a change after the drop");
-    let stopped = Instant::now();
-    let code = loop {
-        if let Some(code) = last.child.try_wait().expect("try_wait") {
-            break code;
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(60),
-            "polylog kept running without its slot:\n{}",
-            last.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let code = last.wait_exit("polylog kept running without its slot");
     let err = last.stderr();
     assert!(!code.success(), "polylog exited 0 without its slot");
     assert!(err.contains("replication slot \"polylog_app\" was dropped"), "{err}");
     // Started again, it refuses the same way (and does not take a new slot).
     let mut again = Child9::start(dir.path(), false, round + 2);
-    let started = Instant::now();
-    let code = loop {
-        if let Some(code) = again.child.try_wait().expect("try_wait") {
-            break code;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "restarted without its slot, polylog kept running:\n{}",
-            again.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let code = again.wait_exit("restarted without its slot, polylog kept running");
     let again_err = again.stderr();
     assert!(!code.success() && again_err.contains("was dropped"), "{again_err}");
     let slots = pg.psql("app", "SELECT count(*) FROM pg_replication_slots").expect("slots");
