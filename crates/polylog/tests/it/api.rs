@@ -41,18 +41,28 @@ pub(crate) fn free_port() -> u16 {
 
 /// Sends a request with the token; returns the status code and the body.
 pub(crate) fn call(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
+    try_call(addr, method, path, body).expect("request")
+}
+
+/// [`call`], with an error when nothing answers (within a minute).
+pub(crate) fn try_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
-    .expect("request");
+    )?;
     let mut text = String::new();
-    s.read_to_string(&mut text).expect("response");
+    s.read_to_string(&mut text)?;
     let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
+    Ok((code, body))
 }
 
 fn get_json(addr: &str, path: &str) -> Value {

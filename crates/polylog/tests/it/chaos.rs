@@ -31,7 +31,7 @@ use polylog_testkit::videos::{transaction, ORACLE, SCHEMA, VIEW};
 use polylog_testkit::{PgCluster, Rng, TempDir};
 use serde_json::Value;
 
-use crate::api::{call, free_port, TOKEN};
+use crate::api::{call, free_port, try_call, TOKEN};
 use crate::polylog;
 
 /// The captured tables and their primary keys.
@@ -376,18 +376,10 @@ impl Drop for StopOnDrop {
 
 /// `/v1/status`, or `None` while nothing answers.
 fn status(api: &str) -> Option<Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(api).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET /v1/status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| serde_json::from_str(body).ok()).flatten()
+    match try_call(api, "GET", "/v1/status", "") {
+        Ok((200, body)) => serde_json::from_str(&body).ok(),
+        _ => None,
+    }
 }
 
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
