@@ -24,8 +24,10 @@
 
 #![no_main]
 
+mod scratch;
+
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
@@ -46,23 +48,6 @@ struct State {
     dir: PathBuf,
     log: Arc<dyn Log>,
     collector: Collector,
-}
-
-fn scratch_root() -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-    let prefix = "polylog-fuzz-events-";
-    if let Ok(entries) = std::fs::read_dir(&base) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix(prefix) {
-                if !Path::new("/proc").join(pid).exists() {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
-    }
-    base.join(format!("{prefix}{}", std::process::id()))
 }
 
 impl State {
@@ -98,7 +83,7 @@ fn verbose() -> bool {
 
 fn state() -> &'static Mutex<State> {
     static S: OnceLock<Mutex<State>> = OnceLock::new();
-    S.get_or_init(|| Mutex::new(State::new(scratch_root())))
+    S.get_or_init(|| Mutex::new(State::new(scratch::scratch_root("events"))))
 }
 
 /// How many events the collector must find in a (decompressed) body that is within limits:

@@ -32,6 +32,8 @@
 
 #![no_main]
 
+mod scratch;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -60,28 +62,6 @@ struct Template {
 
 fn opts() -> LogOptions {
     LogOptions { fsync: FsyncPolicy::Never, maintenance_interval_ms: 0, ..LogOptions::default() }
-}
-
-/// A directory of this process under /dev/shm (or the temp dir); leftovers of processes that
-/// are gone are removed.
-fn scratch_root() -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-    let prefix = "polylog-fuzz-segment-";
-    if let Ok(entries) = std::fs::read_dir(&base) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix(prefix) {
-                if !Path::new("/proc").join(pid).exists() {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
-    }
-    let root = base.join(format!("{prefix}{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("create the scratch directory");
-    root
 }
 
 fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
@@ -114,7 +94,7 @@ fn read_all(log: &EmbeddedLog) -> Result<Vec<StoredRecord>, String> {
 fn template() -> &'static Mutex<Template> {
     static T: OnceLock<Mutex<Template>> = OnceLock::new();
     T.get_or_init(|| {
-        let root = scratch_root();
+        let root = scratch::scratch_root("segment");
         let dir = root.join("template");
         {
             let log = EmbeddedLog::open(&dir, opts()).expect("open the template log");
