@@ -30,7 +30,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use polylog_events::server::{respond, respond_bytes, respond_with, url_decode, DeadlineReader};
+use polylog_events::server::{
+    respond, respond_bytes, respond_with, timed_out, url_decode, DeadlineReader,
+};
 use polylog_log::{Log, LogError, Record, StartAt};
 use polylog_sinks::search::SearchIndexes;
 use serde_json::{json, Value};
@@ -414,12 +416,10 @@ struct Incoming<'a> {
 }
 
 fn read_error(e: std::io::Error) -> Reply {
-    match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            error(408, format!("the request took over {} s", REQUEST_TIME.as_secs()))
-        }
-        _ => error(400, format!("reading the request: {e}")),
+    if timed_out(&e) {
+        return error(408, format!("the request took over {} s", REQUEST_TIME.as_secs()));
     }
+    error(400, format!("reading the request: {e}"))
 }
 
 impl Incoming<'_> {
